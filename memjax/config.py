@@ -1,0 +1,314 @@
+"""Typed configuration: the schema, its validation, and loading from YAML plus `key=value` overrides.
+
+Dataclass defaults are the defaults; a YAML file states only what differs. A reference (Meta Lingua)
+YAML file is recognised by its `model.productkey_args` / training sections and mapped by
+`memjax.interop.lingua` before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+
+DType = Literal["float32", "bfloat16", "float16", "float64"]
+InitStdFactor = Literal["disabled", "current_depth", "global_depth", "dim_ratio"]
+BagImpl = Literal["auto", "xla", "pallas_tpu", "triton"]
+
+
+class ConfigError(ValueError):
+  """A configuration value a user can fix; the message names the field and what is allowed."""
+
+  def __init__(self, field: str, message: str):
+    self.field = field
+    self.detail = message
+    super().__init__(f"{field}: {message}")
+
+  def under(self, prefix: str) -> ConfigError:
+    return ConfigError(f"{prefix}.{self.field}", self.detail)
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(field, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+  """The product-key memory layers (spec 1.1). N slots = n_keys**2; V = v_dim; K = knn."""
+
+  layers: tuple[int, ...] = ()  # 0-based blocks whose FFN becomes a memory layer; () = dense model
+  n_keys: int = 1024  # sub-keys per half; slots = n_keys**2
+  heads: int = 4  # query heads; their reads are summed into one bag
+  knn: int = 32  # top-k per half and for the final selection
+  k_dim: int = 512  # full key dim, split into two halves
+  v_dim: int = -1  # value dim; -1 = model dim
+  share_values: bool = True  # one table for every memory layer
+  swilu: bool = True  # Memory+: silu gate from the input and a value projection
+  gated: bool = False  # scalar sigmoid gate per token
+  query_bias: bool = True
+  qk_norm: bool = False  # RMS-normalise query halves and sub-keys (the paper; not in the reference code)
+  input_dropout: float = 0.0
+  query_dropout: float = 0.0
+  value_dropout: float = 0.0
+  value_dtype: DType = "float32"  # the reference keeps the table in bfloat16
+  value_lr: float = 1e-3  # base learning rate of the table (the reference's value_fixed_lr)
+  impl: BagImpl = "auto"  # embedding-bag implementation, see memjax.ops.embedding_bag
+
+  def __post_init__(self):
+    _check(self.n_keys >= 1, "n_keys", f"must be >= 1, got {self.n_keys}")
+    _check(self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
+    _check(
+        1 <= self.knn <= self.n_keys,
+        "knn",
+        f"must be in [1, n_keys={self.n_keys}], got {self.knn}",
+    )
+    _check(
+        self.k_dim >= 2 and self.k_dim % 2 == 0,
+        "k_dim",
+        f"must be even and >= 2 (it is split in two halves), got {self.k_dim}",
+    )
+    _check(
+        self.v_dim == -1 or self.v_dim > 0,
+        "v_dim",
+        f"must be a positive int or -1 (the model dim), got {self.v_dim}",
+    )
+    _check(self.value_lr >= 0, "value_lr", f"must be >= 0, got {self.value_lr}")
+    for name in ("input_dropout", "query_dropout", "value_dropout"):
+      p = getattr(self, name)
+      _check(0.0 <= p < 1.0, name, f"must be in [0, 1), got {p}")
+    _check(
+        len(set(self.layers)) == len(self.layers) and all(i >= 0 for i in self.layers),
+        "layers",
+        f"must be distinct block indices >= 0, got {list(self.layers)}",
+    )
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.layers)
+
+  @property
+  def n_slots(self) -> int:
+    return self.n_keys**2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The decoder-only LM (Lingua conventions, spec 1.5 and 5.3). D = dim."""
+
+  dim: int = 512
+  n_layers: int = 8
+  n_heads: int = 8
+  head_dim: int | None = None  # None = dim // n_heads
+  n_kv_heads: int | None = None  # None = n_heads (grouped-query attention when fewer)
+  vocab_size: int = 258  # the byte tokenizer's
+  multiple_of: int = 256  # the SwiGLU hidden size is rounded up to this
+  ffn_dim_multiplier: float | None = None
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_seqlen: int = 1024
+  init_base_std: float | None = None  # None = dim**-0.5
+  init_std_factor: InitStdFactor = "disabled"
+  param_dtype: DType = "float32"
+  dtype: DType = "float32"  # compute dtype; norms, softmaxes and the loss run in float32
+  memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+
+  def __post_init__(self):
+    for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seqlen"):
+      _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+    if self.head_dim is None:
+      _check(
+          self.dim % self.n_heads == 0,
+          "n_heads",
+          f"must divide dim={self.dim} (or set head_dim), got {self.n_heads}",
+      )
+    else:
+      _check(self.head_dim >= 2, "head_dim", f"must be >= 2, got {self.head_dim}")
+    _check(
+        self.resolved_head_dim % 2 == 0,
+        "head_dim",
+        f"must be even for rotary embeddings, got {self.resolved_head_dim}",
+    )
+    _check(
+        self.n_heads % self.resolved_kv_heads == 0,
+        "n_kv_heads",
+        f"must divide n_heads={self.n_heads}, got {self.resolved_kv_heads}",
+    )
+    _check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+    bad = [i for i in self.memory.layers if i >= self.n_layers]
+    _check(
+        not bad,
+        "memory.layers",
+        f"block indices must be in [0, n_layers={self.n_layers}), got {bad}",
+    )
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.dim // self.n_heads
+
+  @property
+  def resolved_kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def ffn_hidden_dim(self) -> int:
+    """Lingua's SwiGLU rule: int(2 * 4d / 3), times the multiplier, rounded up to multiple_of."""
+    hidden = int(2 * (4 * self.dim) / 3)
+    if self.ffn_dim_multiplier is not None:
+      hidden = int(self.ffn_dim_multiplier * hidden)
+    return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+  @property
+  def value_dim(self) -> int:
+    return self.memory.v_dim if self.memory.v_dim > 0 else self.dim
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run needs."""
+
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  seed: int = 0  # parameter initialisation
+
+
+# ----------------------------------------------------------------------------------------------
+# From plain dicts (parsed YAML) to typed, validated dataclasses.
+
+
+def _allowed(tp: Any) -> str:
+  if typing.get_origin(tp) is Literal:
+    return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+  return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, field: str) -> Any:
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    options = typing.get_args(tp)
+    if value is None and type(None) in options:
+      return None
+    errors = []
+    for option in options:
+      if option is type(None):
+        continue
+      try:
+        return _convert(option, value, field)
+      except ConfigError as e:
+        errors.append(e.detail)
+    raise ConfigError(field, " or ".join(errors) + (" or null" if type(None) in options else ""))
+  if origin is Literal:
+    if value not in typing.get_args(tp):
+      raise ConfigError(field, f"must be {_allowed(tp)}, got {value!r}")
+    return value
+  if origin is tuple:
+    (item_tp, _) = typing.get_args(tp)
+    if isinstance(value, str):  # Lingua writes block lists as "4,12,20"
+      value = [s for s in value.split(",") if s.strip()]
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(field, f"must be a list, got {value!r}")
+    return tuple(_convert(item_tp, v, f"{field}[{i}]") for i, v in enumerate(value))
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, dict):
+      raise ConfigError(field, f"must be a mapping, got {value!r}")
+    return from_dict(tp, value, prefix=field)
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(field, f"must be true or false, got {value!r}")
+    return value
+  if tp is int:
+    if isinstance(value, str):
+      try:
+        value = int(value.replace("_", ""))
+      except ValueError:
+        pass
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(field, f"must be an int, got {value!r}")
+    return value
+  if tp is float:
+    if isinstance(value, str):
+      try:
+        value = float(value)
+      except ValueError:
+        pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(field, f"must be a number, got {value!r}")
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(field, f"must be a string, got {value!r}")
+    return value
+  raise TypeError(f"unsupported config type {tp!r} for {field}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+  """Builds dataclass `cls` from `data`, checking every key and value; errors name the field."""
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  path = (lambda k: f"{prefix}.{k}" if prefix else k)
+  unknown = sorted(set(data) - fields)
+  if unknown:
+    raise ConfigError(
+        path(unknown[0]), f"unknown key; {cls.__name__} has: {', '.join(sorted(fields))}"
+    )
+  kwargs = {k: _convert(hints[k], v, path(k)) for k, v in data.items()}
+  try:
+    return cls(**kwargs)
+  except ConfigError as e:
+    raise e.under(prefix) if prefix else e
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+  """The inverse of `from_dict`: plain lists and dicts, ready for YAML or JSON."""
+
+  def plain(v):
+    if isinstance(v, tuple):
+      return [plain(x) for x in v]
+    if isinstance(v, dict):
+      return {k: plain(x) for k, x in v.items()}
+    return v
+
+  return plain(dataclasses.asdict(config))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading.
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny"
+
+
+def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
+  """A path, or the name of a file in `configs/` (with or without `.yaml`)."""
+  p = pathlib.Path(name_or_path)
+  candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
+  for c in candidates:
+    if c.is_file():
+      return c
+  known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+  raise FileNotFoundError(
+      f"config {str(name_or_path)!r} not found: give a YAML path or one of {', '.join(known)}"
+  )
+
+
+def load_dict(path: str | pathlib.Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+  """Parses a YAML file and merges dotted `key=value` overrides into it (no validation yet)."""
+  base = OmegaConf.load(resolve_path(path)) if path is not None else OmegaConf.create({})
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(item, "overrides are written key=value, e.g. model.dim=256")
+  merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+  return OmegaConf.to_container(merged, resolve=True)
+
+
+def load(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+  """The validated config of a YAML file (memjax's own or a reference Lingua file) plus overrides."""
+  from memjax.interop import lingua  # the reference's format maps onto ours
+
+  data = load_dict(path, overrides)
+  if lingua.is_lingua(data):
+    data = lingua.to_memjax(data)
+  return from_dict(Config, data)

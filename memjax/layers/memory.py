@@ -1,0 +1,112 @@
+"""The product-key memory layer (Memory and Memory+), spec section 1.3.
+
+Axis letters: N tokens (B*T), D model dim, H memory heads, E half key dim (k_dim / 2),
+M sub-keys per half (n_keys), K knn, S slots (n_keys**2), V value dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memjax.config import ModelConfig
+from memjax.layers import init
+from memjax.ops import embedding_bag, product_topk
+
+
+class MemoryValues(nnx.Param):
+  """The (S, V) value table. Its own type so the optimizer, sharding and checkpoints select it."""
+
+
+def new_value_table(cfg: ModelConfig, rngs: nnx.Rngs) -> MemoryValues:
+  """Normal(0, V**-0.5), in the memory's value dtype."""
+  shape = (cfg.memory.n_slots, cfg.value_dim)
+  dtype = init.DTYPES[cfg.memory.value_dtype]
+  return MemoryValues(init.normal(cfg.value_dim**-0.5)(rngs.params(), shape, dtype))
+
+
+def _rms_normalise(x, eps):
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class ProductKeyMemory(nnx.Module):
+  """Replaces a block's FFN: a sparse read of top-k slots of a (shared) value table.
+
+  Parameter names follow the reference's `HashingMemory` so checkpoints convert by name:
+  `keys` (H, 2, M, E), `query_proj`, `swilu_projection`, `value_proj`, `gating`, `values`.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, values: MemoryValues | None = None, rngs: nnx.Rngs):
+    mem = cfg.memory
+    dim, v_dim = cfg.dim, cfg.value_dim
+    self.heads, self.knn, self.n_keys = mem.heads, mem.knn, mem.n_keys
+    self.half = mem.k_dim // 2
+    self.qk_norm, self.norm_eps = mem.qk_norm, cfg.norm_eps
+    self.impl = mem.impl
+    dtype, param_dtype = init.DTYPES[cfg.dtype], init.DTYPES[cfg.param_dtype]
+    linear = lambda d_in, d_out, kernel_init, **kw: nnx.Linear(
+        d_in, d_out, kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kw
+    )
+
+    # The bound uses the full k_dim, as the reference does.
+    self.keys = nnx.Param(
+        init.uniform(mem.k_dim**-0.5)(
+            rngs.params(), (mem.heads, 2, mem.n_keys, self.half), param_dtype
+        )
+    )
+    self.query_proj = linear(
+        dim, mem.heads * mem.k_dim, nnx.initializers.xavier_uniform(), use_bias=mem.query_bias
+    )
+    self.values = values if values is not None else new_value_table(cfg, rngs)
+    # Memory+ gates the bag with silu(W1 x) and projects it back; plain Memory projects only when
+    # the value dim differs from the model dim.
+    self.swilu_projection = linear(dim, v_dim, init.normal(dim**-0.5)) if mem.swilu else None
+    self.value_proj = (
+        linear(v_dim, dim, init.normal(dim**-0.5)) if mem.swilu or mem.v_dim > 0 else None
+    )
+    self.gating = linear(dim, 1, init.normal(dim**-0.5)) if mem.gated else None
+    self.input_dropout = nnx.Dropout(mem.input_dropout, rngs=rngs)
+    self.query_dropout = nnx.Dropout(mem.query_dropout, rngs=rngs)
+    self.value_dropout = nnx.Dropout(mem.value_dropout, rngs=rngs)
+
+  def select(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Slots and their softmax weights per (token, head): (N, H, K) int32 and (N, H, K)."""
+    n = x_ND.shape[0]
+    query_NH2E = self.query_dropout(self.query_proj(x_ND)).reshape(n, self.heads, 2, self.half)
+    keys_H2ME = self.keys.value.astype(query_NH2E.dtype)
+    if self.qk_norm:
+      query_NH2E = _rms_normalise(query_NH2E, self.norm_eps)
+      keys_H2ME = _rms_normalise(keys_H2ME, self.norm_eps)
+    scores1_NHM = jnp.einsum("nhe,hme->nhm", query_NH2E[:, :, 0], keys_H2ME[:, 0])
+    scores2_NHM = jnp.einsum("nhe,hme->nhm", query_NH2E[:, :, 1], keys_H2ME[:, 1])
+    rows = n * self.heads
+    scores_RK, slots_RK = product_topk(
+        scores1_NHM.reshape(rows, self.n_keys), scores2_NHM.reshape(rows, self.n_keys), self.knn
+    )
+    weights_RK = jax.nn.softmax(scores_RK.astype(jnp.float32), axis=-1).astype(scores_RK.dtype)
+    shape = (n, self.heads, self.knn)
+    return slots_RK.reshape(shape), weights_RK.reshape(shape)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    b, t, d = x_BTD.shape
+    x_ND = self.input_dropout(x_BTD.reshape(b * t, d))
+    slots_NHK, weights_NHK = self.select(x_ND)
+    bag = self.heads * self.knn  # heads are summed into one bag
+    read_NV = embedding_bag(
+        self.values.value,
+        slots_NHK.reshape(b * t, bag),
+        weights_NHK.reshape(b * t, bag),
+        impl=self.impl,
+    )
+    if self.swilu_projection is not None:
+      out_ND = self.value_proj(read_NV * jax.nn.silu(self.swilu_projection(x_ND)))
+    elif self.value_proj is not None:
+      out_ND = self.value_proj(read_NV)
+    else:
+      out_ND = read_NV
+    out_ND = self.value_dropout(out_ND)
+    if self.gating is not None:
+      out_ND = jax.nn.sigmoid(self.gating(x_ND)) * out_ND
+    return out_ND.reshape(b, t, -1)

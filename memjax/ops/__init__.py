@@ -1,0 +1,13 @@
+"""Operations behind the memory layer; kernels plug in under `embedding_bag`'s `impl`."""
+
+from memjax.ops.embedding_bag import available_impls, embedding_bag, register_impl, resolve_impl
+from memjax.ops.product_keys import candidate_pairs, product_topk
+
+__all__ = [
+    "available_impls",
+    "candidate_pairs",
+    "embedding_bag",
+    "product_topk",
+    "register_impl",
+    "resolve_impl",
+]

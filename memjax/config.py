@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Literal
 
+import yaml
 from omegaconf import OmegaConf
 
 DType = Literal["float32", "bfloat16", "float16", "float64"]
@@ -168,11 +170,42 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training run of `train.py`: AdamW with linear warmup and decay (spec 1.7)."""
+
+  steps: int = 200
+  batch_size: int = 16
+  seq_len: int = 128
+  lr: float = 3e-3  # base learning rate; the value table uses model.memory.value_lr
+  warmup: int = 30
+  lr_min_ratio: float = 0.01  # the linear decay ends at lr * lr_min_ratio
+  weight_decay: float = 0.1
+  clip: float = 1.0  # global-norm clip, applied to the value table and to the rest separately
+  data: str = ""  # glob of local text files; "" = the Markdown and Python files of this package
+  log_every: int = 20
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "seq_len", "log_every"):
+      _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+    _check(0 <= self.warmup <= self.steps, "warmup", f"must be in [0, steps], got {self.warmup}")
+    _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+    _check(0 <= self.lr_min_ratio <= 1, "lr_min_ratio", f"must be in [0, 1], got {self.lr_min_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Everything a run needs."""
 
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-  seed: int = 0  # parameter initialisation
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  seed: int = 0  # parameter initialisation and data order
+
+  def __post_init__(self):
+    _check(
+        self.train.seq_len <= self.model.max_seqlen,
+        "train.seq_len",
+        f"must be <= model.max_seqlen={self.model.max_seqlen}, got {self.train.seq_len}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,9 +327,42 @@ def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
   )
 
 
+class _PlaceholderTagLoader(yaml.SafeLoader):
+  """Reads a scalar with a tag YAML does not know as the tag's text (e.g. "!!CHANGETHIS!!")."""
+
+
+def _placeholder(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> str:
+  if not isinstance(node, yaml.ScalarNode):
+    raise ConfigError(f"{node.tag}", f"unknown YAML tag on a collection at {node.start_mark}")
+  return node.value or f"!!{suffix}"
+
+
+_PlaceholderTagLoader.add_multi_constructor("tag:yaml.org,2002:", _placeholder)
+# YAML 1.2 floats such as 1e-4, as OmegaConf reads them (plain YAML 1.1 would keep a string).
+_PlaceholderTagLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+_PlaceholderTagLoader.add_multi_constructor("!", _placeholder)
+
+
+def _load_yaml(path: pathlib.Path):
+  try:
+    return OmegaConf.load(path)
+  except yaml.constructor.ConstructorError:
+    # Lingua's templates mark values to edit with an unknown tag (`path: !!CHANGETHIS!!`): read
+    # the placeholder as a string, so the model the file describes still loads.
+    with open(path, encoding="utf-8") as f:
+      return OmegaConf.create(yaml.load(f, Loader=_PlaceholderTagLoader) or {})
+
+
 def load_dict(path: str | pathlib.Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
   """Parses a YAML file and merges dotted `key=value` overrides into it (no validation yet)."""
-  base = OmegaConf.load(resolve_path(path)) if path is not None else OmegaConf.create({})
+  base = _load_yaml(resolve_path(path)) if path is not None else OmegaConf.create({})
   for item in overrides:
     if "=" not in item:
       raise ConfigError(item, "overrides are written key=value, e.g. model.dim=256")

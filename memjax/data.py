@@ -1,0 +1,41 @@
+"""Byte-level training text from local files (BOS 256 and EOS 257 around each document)."""
+
+from __future__ import annotations
+
+import glob
+import pathlib
+from typing import Iterator
+
+import numpy as np
+
+BOS, EOS = 256, 257
+_PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def default_glob() -> str:
+  """The package's own Markdown and Python files: text that is always there, nothing downloaded."""
+  return str(_PACKAGE_ROOT / "**" / "*.[mp][dy]")
+
+
+def read_corpus(pattern: str) -> np.ndarray:
+  """All files matching `pattern` as one int32 stream of byte ids, each document framed by BOS/EOS."""
+  paths = sorted(p for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
+  if not paths:
+    raise FileNotFoundError(f"train.data: no files match {pattern!r}")
+  docs = []
+  for p in paths:
+    data = np.frombuffer(pathlib.Path(p).read_bytes(), dtype=np.uint8).astype(np.int32)
+    docs.append(np.concatenate([[BOS], data, [EOS]]).astype(np.int32))
+  return np.concatenate(docs)
+
+
+def random_windows(
+    tokens: np.ndarray, batch_size: int, seq_len: int, seed: int
+) -> Iterator[np.ndarray]:
+  """Endless (batch_size, seq_len + 1) windows at seeded random offsets (inputs and targets)."""
+  if len(tokens) <= seq_len + 1:
+    raise ValueError(f"corpus of {len(tokens)} tokens is shorter than train.seq_len + 1")
+  rng = np.random.default_rng(seed)
+  while True:
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    yield np.stack([tokens[s : s + seq_len + 1] for s in starts])

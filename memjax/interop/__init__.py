@@ -1,0 +1,6 @@
+"""Interoperability with the PyTorch reference (Meta Lingua / facebookresearch/memory).
+
+`lingua`: its YAML/JSON configs mapped onto `memjax.config.Config` and back.
+`torch_checkpoint`: its consolidated checkpoints (`consolidated.pth` + `params.json`) loaded into
+memjax models and written from them; needs PyTorch (`pip install memjax[torch]`), imported lazily.
+"""

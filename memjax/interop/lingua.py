@@ -1,0 +1,272 @@
+"""Meta Lingua configs (the reference's `TrainArgs`, as YAML or a checkpoint's `params.json`) mapped
+onto memjax's `Config`, and memjax model configs written back in that format.
+
+A Lingua config is a whole training setup: a `model` mapping (`LMTransformerArgs`, the memory in
+`model.productkey_args`, `ProductKeyArgs`) among training sections. Only the model, its init seed
+and the training length `data.seq_len` are mapped for now; the other training sections are accepted
+and left out (a later training issue maps them). Keys that would change the network and that
+memjax lacks raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memjax.config import Config, ConfigError, from_dict
+
+# TrainArgs' top-level keys besides `model`: accepted, not mapped yet.
+TRAIN_KEYS = (
+    "name", "dump_dir", "seed", "grad_acc_steps", "gc_collect_freq", "probe_freq", "steps", "data",
+    "optim", "distributed", "env", "checkpoint", "profiling", "logging", "async_eval_gpus", "eval",
+)
+
+# LMTransformerArgs' fields with Lingua's defaults: a key Lingua leaves out means its default.
+MODEL_DEFAULTS: dict[str, Any] = {
+    "dim": 512, "n_layers": 8, "head_dim": None, "n_heads": None, "n_kv_heads": None,
+    "ffn_dim_multiplier": None, "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 10000.0,
+    "init_base_std": None, "init_std_factor": "disabled", "max_seqlen": 1024,
+    "productkey_args": {}, "seed": 42, "vocab_size": -1, "weight_tying": False,
+    "sliding_window": None,
+}
+# Fields mapped one to one (same name in both schemas).
+_SAME_MODEL_FIELDS = (
+    "dim", "n_layers", "head_dim", "n_kv_heads", "ffn_dim_multiplier", "multiple_of", "norm_eps",
+    "rope_theta", "init_base_std", "init_std_factor",
+)
+
+PRODUCTKEY_DEFAULTS: dict[str, Any] = {
+    "is_enabled": False, "layers": "", "mem_n_keys": 1024, "mem_heads": 4, "mem_knn": 32,
+    "mem_share_values": True, "mem_k_dim": 512, "mem_v_dim": -1, "swilu_projection": True,
+    "value_fixed_lr": 0.001, "mem_gated": False, "peer_variant": False,
+}
+# ProductKeyArgs field -> MemoryConfig field.
+PRODUCTKEY_FIELDS = {
+    "mem_n_keys": "n_keys", "mem_heads": "heads", "mem_knn": "knn", "mem_k_dim": "k_dim",
+    "mem_v_dim": "v_dim", "mem_share_values": "share_values", "swilu_projection": "swilu",
+    "mem_gated": "gated", "value_fixed_lr": "value_lr",
+}
+
+# Vocabulary of each Lingua tokenizer, for configs leaving model.vocab_size at -1 (Lingua then takes
+# the tokenizer's): sp is the Llama-2 SentencePiece model of the paper's small models (spec 4.2,
+# 5.4); tiktoken a Llama-3-size one (128000 ranks + 256 special tokens).
+TOKENIZER_VOCAB = {"bytes": 258, "mock": 256, "sp": 32000, "tiktoken": 128256}
+MODEL_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+_MEMJAX_ONLY_MODEL_KEYS = ("memory", "param_dtype", "dtype")
+
+
+def is_lingua(data: dict) -> bool:
+  """Whether a parsed config is Lingua's: `model.productkey_args`, or Lingua's training sections
+  around a model mapping without memjax's own keys (`memory`, `dtype`, `param_dtype`)."""
+  model = data.get("model")
+  model = model if isinstance(model, dict) else {}
+  if "productkey_args" in model:
+    return True
+  if any(k in model for k in _MEMJAX_ONLY_MODEL_KEYS):
+    return False
+  return any(k in data for k in TRAIN_KEYS if k != "seed")
+
+
+def to_memjax(data: dict) -> dict:
+  """The memjax config (`Config` as nested mappings) of a Lingua config dict.
+
+  - Model fields map by name; `n_heads: null` becomes dim // head_dim, as Lingua derives it.
+  - `vocab_size: -1` (Lingua's "the tokenizer's") becomes `data.tokenizer.name`'s size.
+  - `max_seqlen` is `data.seq_len` when given: Lingua's training overwrites it with that; it is
+    also `train.seq_len`, the length Lingua trains on.
+  - `distributed.model_dtype` is the compute dtype; parameters stay float32 (Lingua's FSDP master
+    weights) and a memory table is bfloat16, as the reference creates and trains it (spec 1.6).
+  - `seed` is `model.seed` (default 42), the seed Lingua initialises the weights from; the
+    top-level `seed` seeds the data and is not mapped yet.
+  Overrides given with a Lingua file use Lingua's names (`model.productkey_args.mem_knn=16`).
+
+  Raises:
+    ConfigError: naming the Lingua key, for unknown keys, unsupported settings and bad values.
+  """
+  _no_unknown(data, ("model",) + TRAIN_KEYS, "", "a Lingua config (TrainArgs)")
+  given = _mapping(data.get("model"), "model")
+  _no_unknown(given, MODEL_DEFAULTS, "model", "LMTransformerArgs")
+  m = {**MODEL_DEFAULTS, **given}
+  if m["weight_tying"] is not False:
+    raise ConfigError(
+        "model.weight_tying",
+        f"must be false: memjax keeps separate tok_embeddings and output weights, got "
+        f"{m['weight_tying']!r}",
+    )
+  if m["sliding_window"] is not None:
+    raise ConfigError(
+        "model.sliding_window",
+        f"must be null: memjax attention is full causal, got {m['sliding_window']!r}",
+    )
+  data_section = _mapping(data.get("data"), "data")
+  distributed = _mapping(data.get("distributed"), "distributed")
+
+  model = {k: m[k] for k in _SAME_MODEL_FIELDS}
+  model["n_heads"] = m["n_heads"]
+  if m["n_heads"] is None:
+    if m["head_dim"] is None:
+      raise ConfigError("model.n_heads", "set n_heads or head_dim (Lingua derives the other)")
+    head_dim = _positive_int(m["head_dim"], "model.head_dim")
+    model["n_heads"] = _positive_int(m["dim"], "model.dim") // head_dim
+  model["vocab_size"] = _vocab_size(m["vocab_size"], data_section)
+  model["max_seqlen"] = data_section.get("seq_len", m["max_seqlen"])
+  model_dtype = distributed.get("model_dtype", "bf16")
+  if model_dtype not in MODEL_DTYPES:
+    raise ConfigError(
+        "distributed.model_dtype", f"must be one of {', '.join(MODEL_DTYPES)}, got {model_dtype!r}"
+    )
+  model["dtype"] = MODEL_DTYPES[model_dtype]
+  model["memory"] = memory_from_productkey_args(
+      _mapping(m["productkey_args"], "model.productkey_args")
+  )
+  out = {"model": model, "train": {"seq_len": model["max_seqlen"]}, "seed": m["seed"]}
+  try:
+    from_dict(Config, out)  # so errors name the Lingua key, not the memjax field it became
+  except ConfigError as e:
+    field = _lingua_field(e.field, data_section)
+    raise ConfigError(field, f"{e.detail} (memjax field {e.field})") from None
+  return out
+
+
+def memory_from_productkey_args(pk: dict, field: str = "model.productkey_args") -> dict:
+  """`MemoryConfig` fields (a mapping) of a Lingua `ProductKeyArgs` mapping; defaults filled in."""
+  _no_unknown(pk, PRODUCTKEY_DEFAULTS, field, "ProductKeyArgs")
+  pk = {**PRODUCTKEY_DEFAULTS, **pk}
+  if not isinstance(pk["is_enabled"], bool):
+    raise ConfigError(f"{field}.is_enabled", f"must be true or false, got {pk['is_enabled']!r}")
+  if not pk["is_enabled"]:
+    return {"layers": []}
+  if pk["peer_variant"] is not False:
+    raise ConfigError(
+        f"{field}.peer_variant",
+        f"must be false: PEER is not supported yet, got {pk['peer_variant']!r}",
+    )
+  if pk["value_fixed_lr"] is None:
+    raise ConfigError(
+        f"{field}.value_fixed_lr",
+        "null (train the table at the base learning rate) is not supported until memjax has an "
+        "optimizer config; give a number such as 0.001",
+    )
+  memory = {ours: pk[theirs] for theirs, ours in PRODUCTKEY_FIELDS.items()}
+  memory["layers"] = _layers(pk["layers"], f"{field}.layers")
+  memory["value_dtype"] = "bfloat16"
+  return memory
+
+
+def from_memjax(cfg: Config) -> dict:
+  """A Lingua config dict of `cfg`'s model that `to_memjax` maps back.
+
+  It holds `model` (every LMTransformerArgs field, with productkey_args), `distributed.model_dtype`
+  and `data.tokenizer` (name guessed from the vocabulary size, "sp" when unknown; path null): what
+  the reference's `load_consolidated_model_and_tokenizer` reads. Lingua has no field for dropout,
+  the parameter dtype or the table dtype: reloading gives the reference's (no dropout, float32
+  parameters, a bfloat16 table).
+
+  Raises:
+    ConfigError: for settings the reference's model cannot express (qk_norm, no query bias, fewer
+      than 2 memory heads, a float64 compute dtype).
+  """
+  m, mem = cfg.model, cfg.model.memory
+  if mem.enabled:
+    for field, ok, allowed in (
+        ("qk_norm", not mem.qk_norm, "false"),
+        ("query_bias", mem.query_bias, "true"),
+        ("heads", mem.heads >= 2, ">= 2"),
+    ):
+      if not ok:
+        raise ConfigError(
+            f"model.memory.{field}",
+            f"must be {allowed} to export in the reference's format, got {getattr(mem, field)!r}",
+        )
+  dtypes = {v: k for k, v in MODEL_DTYPES.items()}
+  if m.dtype not in dtypes:
+    raise ConfigError(
+        "model.dtype", f"must be one of {', '.join(dtypes)} in Lingua, got {m.dtype!r}"
+    )
+  productkey_args = {
+      "is_enabled": mem.enabled,
+      "layers": ",".join(str(i) for i in mem.layers),
+      **{theirs: getattr(mem, ours) for theirs, ours in PRODUCTKEY_FIELDS.items()},
+      "peer_variant": False,
+  }
+  model = {k: getattr(m, k) for k in _SAME_MODEL_FIELDS}
+  model.update(
+      n_heads=m.n_heads, max_seqlen=m.max_seqlen, vocab_size=m.vocab_size, seed=cfg.seed,
+      productkey_args=productkey_args, weight_tying=False, sliding_window=None,
+  )
+  model = {k: model[k] for k in MODEL_DEFAULTS}  # in Lingua's field order
+  tokenizer = {v: k for k, v in TOKENIZER_VOCAB.items()}.get(m.vocab_size, "sp")
+  return {
+      "model": model,
+      "distributed": {"model_dtype": dtypes[m.dtype]},
+      "data": {"tokenizer": {"name": tokenizer, "path": None}},
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _mapping(value: Any, field: str) -> dict:
+  if value is None:
+    return {}
+  if not isinstance(value, dict):
+    raise ConfigError(field, f"must be a mapping, got {value!r}")
+  return value
+
+
+def _no_unknown(data: dict, known, field: str, what: str) -> None:
+  unknown = sorted(set(data) - set(known))
+  if unknown:
+    name = f"{field}.{unknown[0]}" if field else unknown[0]
+    raise ConfigError(name, f"unknown key; {what} has: {', '.join(sorted(known))}")
+
+
+def _positive_int(value: Any, field: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError(field, f"must be a positive int, got {value!r}")
+  return value
+
+
+def _vocab_size(value: Any, data_section: dict) -> Any:
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value > 0):
+    return value  # an explicit size; its type is checked with the rest
+  tokenizer = _mapping(data_section.get("tokenizer"), "data.tokenizer")
+  name = tokenizer.get("name", "bytes")  # Lingua's TokenizerArgs default
+  if name not in TOKENIZER_VOCAB:
+    known = ", ".join(f"{k} {v}" for k, v in TOKENIZER_VOCAB.items())
+    raise ConfigError(
+        "model.vocab_size",
+        f"is {value!r} (the tokenizer's) and tokenizer {name!r} has no known size ({known}); "
+        "set model.vocab_size",
+    )
+  return TOKENIZER_VOCAB[name]
+
+
+def _layers(value: Any, field: str) -> list[int]:
+  """Lingua writes memory blocks as "4,12,20"; a single int or a list is taken too."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    return [value]
+  if isinstance(value, str):
+    try:
+      return [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+      pass
+  if isinstance(value, (list, tuple)) and all(
+      isinstance(v, int) and not isinstance(v, bool) for v in value
+  ):
+    return list(value)
+  raise ConfigError(
+      field, f'must be comma-separated block indices such as "4,12,20", got {value!r}'
+  )
+
+
+def _lingua_field(field: str, data_section: dict) -> str:
+  """The Lingua key a memjax field came from."""
+  prefix = "model.memory."
+  if field.startswith(prefix):
+    name = field[len(prefix):].split("[")[0]
+    theirs = {v: k for k, v in PRODUCTKEY_FIELDS.items()}.get(name, name)
+    return f"model.productkey_args.{theirs}"
+  if field in ("model.max_seqlen", "train.seq_len") and "seq_len" in data_section:
+    return "data.seq_len"
+  return {"model.dtype": "distributed.model_dtype", "seed": "model.seed"}.get(field, field)

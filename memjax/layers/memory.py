@@ -71,19 +71,51 @@ class ProductKeyMemory(nnx.Module):
     self.query_dropout = nnx.Dropout(mem.query_dropout, rngs=rngs)
     self.value_dropout = nnx.Dropout(mem.value_dropout, rngs=rngs)
 
-  def select(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Slots and their softmax weights per (token, head): (N, H, K) int32 and (N, H, K)."""
-    n = x_ND.shape[0]
+  def _fold_query(self, n_tokens: int, dim: int) -> bool:
+    """Whether scoring x against W_q K^T (folded) does fewer FLOPs than projecting the query first.
+
+    Both are exact; folding skips the (N, H * k_dim) query when the model dim and the sub-key
+    count are small next to k_dim. Query dropout and qk-norm act on the query, so they need it.
+    """
+    if self.qk_norm or self.query_dropout.rate > 0:
+      return False
+    per_token_folded = dim * self.heads * 2 * self.n_keys
+    per_token_query = dim * self.heads * 2 * self.half + self.heads * 2 * self.half * self.n_keys
+    fold_once = dim * self.heads * 2 * self.half * self.n_keys
+    return n_tokens * per_token_folded + fold_once < n_tokens * per_token_query
+
+  def half_scores(self, x_ND: jax.Array) -> jax.Array:
+    """Scores of every sub-key of both halves, (N, H, 2, M): <q_h,s, keys[h, s, m]>."""
+    n, d = x_ND.shape
+    keys_H2ME = self.keys[...]
+    if self._fold_query(n, d):
+      kernel_DH2E = self.query_proj.kernel[...].reshape(d, self.heads, 2, self.half)
+      folded_DH2M = jnp.einsum("dhse,hsme->dhsm", kernel_DH2E, keys_H2ME)
+      scores_NH2M = (
+          x_ND @ folded_DH2M.reshape(d, -1).astype(x_ND.dtype)
+      ).reshape(n, self.heads, 2, self.n_keys)
+      if self.query_proj.bias is not None:
+        bias_H2E = self.query_proj.bias[...].reshape(self.heads, 2, self.half)
+        scores_NH2M = scores_NH2M + jnp.einsum("hse,hsme->hsm", bias_H2E, keys_H2ME).astype(
+            scores_NH2M.dtype
+        )
+      return scores_NH2M
     query_NH2E = self.query_dropout(self.query_proj(x_ND)).reshape(n, self.heads, 2, self.half)
-    keys_H2ME = self.keys.value.astype(query_NH2E.dtype)
+    keys_H2ME = keys_H2ME.astype(query_NH2E.dtype)
     if self.qk_norm:
       query_NH2E = _rms_normalise(query_NH2E, self.norm_eps)
       keys_H2ME = _rms_normalise(keys_H2ME, self.norm_eps)
-    scores1_NHM = jnp.einsum("nhe,hme->nhm", query_NH2E[:, :, 0], keys_H2ME[:, 0])
-    scores2_NHM = jnp.einsum("nhe,hme->nhm", query_NH2E[:, :, 1], keys_H2ME[:, 1])
+    return jnp.einsum("nhse,hsme->nhsm", query_NH2E, keys_H2ME)
+
+  def select(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Slots and their softmax weights per (token, head): (N, H, K) int32 and (N, H, K)."""
+    n = x_ND.shape[0]
+    scores_NH2M = self.half_scores(x_ND)
     rows = n * self.heads
     scores_RK, slots_RK = product_topk(
-        scores1_NHM.reshape(rows, self.n_keys), scores2_NHM.reshape(rows, self.n_keys), self.knn
+        scores_NH2M[:, :, 0].reshape(rows, self.n_keys),
+        scores_NH2M[:, :, 1].reshape(rows, self.n_keys),
+        self.knn,
     )
     weights_RK = jax.nn.softmax(scores_RK.astype(jnp.float32), axis=-1).astype(scores_RK.dtype)
     shape = (n, self.heads, self.knn)
@@ -95,7 +127,7 @@ class ProductKeyMemory(nnx.Module):
     slots_NHK, weights_NHK = self.select(x_ND)
     bag = self.heads * self.knn  # heads are summed into one bag
     read_NV = embedding_bag(
-        self.values.value,
+        self.values[...],
         slots_NHK.reshape(b * t, bag),
         weights_NHK.reshape(b * t, bag),
         impl=self.impl,

@@ -14,4 +14,4 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * self.weight.value.astype(jnp.float32)).astype(x.dtype)
+    return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)

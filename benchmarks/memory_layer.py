@@ -1,0 +1,122 @@
+"""Forward and forward+backward time of one memory layer: memjax against the PyTorch oracle.
+
+The oracle layer (tests/torch_oracle.py) is the reference's maths with `F.embedding_bag`, as the
+reference runs on CPU. Both layers hold the same weights and read the same input; the backward
+computes every parameter gradient and the input gradient. Times are the minimum over repeats.
+
+  python benchmarks/memory_layer.py [--json FILE] [--repeats 7] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from memjax.config import MemoryConfig, ModelConfig
+from memjax.layers.memory import ProductKeyMemory
+from tests.torch_oracle import OracleMemory, load_into_oracle
+
+# The issue's shape: B=16, T=256, dim 256, n_keys 256, 4 heads, knn 32, k_dim 512, float32.
+FULL = dict(batch=16, seq=256, dim=256, n_keys=256, heads=4, knn=32, k_dim=512)
+SMOKE = dict(batch=2, seq=32, dim=64, n_keys=32, heads=2, knn=8, k_dim=64)
+
+
+def best_time(fn, repeats: int) -> float:
+  fn()  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", type=pathlib.Path, help="write the figures here")
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, for tests")
+  args = parser.parse_args()
+  shape = SMOKE if args.smoke else FULL
+
+  cfg = ModelConfig(
+      dim=shape["dim"], n_layers=1, n_heads=4,
+      memory=MemoryConfig(
+          layers=(0,), n_keys=shape["n_keys"], heads=shape["heads"], knn=shape["knn"],
+          k_dim=shape["k_dim"],
+      ),
+  )
+  layer = ProductKeyMemory(cfg, rngs=nnx.Rngs(0))
+  oracle = OracleMemory(cfg)
+  load_into_oracle(oracle, layer)
+
+  rng = np.random.default_rng(0)
+  x_np = rng.standard_normal((shape["batch"], shape["seq"], shape["dim"])).astype(np.float32)
+  g_np = rng.standard_normal(x_np.shape).astype(np.float32)  # output cotangent
+
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x, g = jnp.asarray(x_np), jnp.asarray(g_np)
+
+  @jax.jit
+  def jax_fwd(params, x):
+    return nnx.merge(graphdef, params, rest)(x)
+
+  @jax.jit
+  def jax_fwd_bwd(params, x):
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x) * g)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  x_t, g_t = torch.from_numpy(x_np), torch.from_numpy(g_np)
+
+  def torch_fwd():
+    with torch.no_grad():
+      oracle(x_t)
+
+  def torch_fwd_bwd():
+    oracle.zero_grad(set_to_none=True)
+    xr = x_t.clone().requires_grad_(True)
+    (oracle(xr) * g_t).sum().backward()
+
+  results = {
+      "memjax_fwd_s": best_time(lambda: jax.block_until_ready(jax_fwd(params, x)), args.repeats),
+      "memjax_fwd_bwd_s": best_time(
+          lambda: jax.block_until_ready(jax_fwd_bwd(params, x)), args.repeats
+      ),
+      "torch_fwd_s": best_time(torch_fwd, args.repeats),
+      "torch_fwd_bwd_s": best_time(torch_fwd_bwd, args.repeats),
+  }
+  results["speedup_fwd"] = results["torch_fwd_s"] / results["memjax_fwd_s"]
+  results["speedup_fwd_bwd"] = results["torch_fwd_bwd_s"] / results["memjax_fwd_bwd_s"]
+
+  print(
+      f"memory layer, B={shape['batch']} T={shape['seq']} dim={shape['dim']} "
+      f"n_keys={shape['n_keys']} heads={shape['heads']} knn={shape['knn']} "
+      f"k_dim={shape['k_dim']}, float32, {os.cpu_count()} CPUs, torch threads "
+      f"{torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}"
+  )
+  print(f"| pass | memjax (s) | torch oracle (s) | speedup |")
+  print(f"|---|---|---|---|")
+  for name, key in (("fwd", "fwd"), ("fwd+bwd", "fwd_bwd")):
+    print(
+        f"| {name} | {results[f'memjax_{key}_s']:.4f} | {results[f'torch_{key}_s']:.4f} | "
+        f"{results[f'speedup_{key}']:.2f}x |"
+    )
+  if args.json:
+    args.json.write_text(json.dumps({**results, "shape": shape}, indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,32 @@
+"""Test-wide setup: JAX on 8 virtual CPU devices (for sharding tests), plus precision helpers.
+
+The environment must be set before JAX is first imported, which a top-level conftest guarantees.
+JAX_PLATFORMS is only defaulted, so a device run can still ask for its accelerator.
+"""
+
+import contextlib
+import os
+
+_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}".strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
+
+
+@contextlib.contextmanager
+def precision(dtype: str):
+  """Enables 64-bit types for "float64" (modules must be built and run inside); restores after."""
+  with jax.enable_x64(dtype == "float64"):
+    yield
+
+
+@pytest.fixture
+def fast_compile():
+  """Most XLA optimisations off: small test programs compile ~2.5x faster on CPU, same maths."""
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)

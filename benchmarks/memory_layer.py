@@ -2,9 +2,9 @@
 
 The oracle layer (tests/torch_oracle.py) is the reference's maths with `F.embedding_bag`, as the
 reference runs on CPU. Both layers hold the same weights and read the same input; the backward
-computes every parameter gradient and the input gradient. Times are the minimum over repeats.
+computes every parameter gradient and the input gradient. Times are minima over interleaved rounds.
 
-  python benchmarks/memory_layer.py [--json FILE] [--repeats 7] [--smoke]
+  python benchmarks/memory_layer.py [--json FILE] [--repeats 10] [--smoke]
 """
 
 from __future__ import annotations
@@ -34,20 +34,23 @@ FULL = dict(batch=16, seq=256, dim=256, n_keys=256, heads=4, knn=32, k_dim=512)
 SMOKE = dict(batch=2, seq=32, dim=64, n_keys=32, heads=2, knn=8, k_dim=64)
 
 
-def best_time(fn, repeats: int) -> float:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+def best_times(fns: dict, rounds: int) -> dict:
+  """Minimum time of each function, measured in interleaved rounds so drift hits all alike."""
+  for fn in fns.values():
+    fn()  # compile / warm up
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: min(ts) for name, ts in times.items()}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", type=pathlib.Path, help="write the figures here")
-  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, for tests")
   args = parser.parse_args()
   shape = SMOKE if args.smoke else FULL
@@ -90,14 +93,15 @@ def main() -> None:
     xr = x_t.clone().requires_grad_(True)
     (oracle(xr) * g_t).sum().backward()
 
-  results = {
-      "memjax_fwd_s": best_time(lambda: jax.block_until_ready(jax_fwd(params, x)), args.repeats),
-      "memjax_fwd_bwd_s": best_time(
-          lambda: jax.block_until_ready(jax_fwd_bwd(params, x)), args.repeats
-      ),
-      "torch_fwd_s": best_time(torch_fwd, args.repeats),
-      "torch_fwd_bwd_s": best_time(torch_fwd_bwd, args.repeats),
-  }
+  results = best_times(
+      {
+          "memjax_fwd_s": lambda: jax.block_until_ready(jax_fwd(params, x)),
+          "memjax_fwd_bwd_s": lambda: jax.block_until_ready(jax_fwd_bwd(params, x)),
+          "torch_fwd_s": torch_fwd,
+          "torch_fwd_bwd_s": torch_fwd_bwd,
+      },
+      args.repeats,
+  )
   results["speedup_fwd"] = results["torch_fwd_s"] / results["memjax_fwd_s"]
   results["speedup_fwd_bwd"] = results["torch_fwd_bwd_s"] / results["memjax_fwd_bwd_s"]
 

@@ -38,20 +38,26 @@ def _bag_forward_xla(values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -
 def _bag_backward_xla(
     values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, dout_NV: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-  n_tokens, bag = idx_NK.shape
+  n_slots = values_SV.shape[0]
   dout_NV = dout_NV.astype(jnp.float32)
-  w_NK = w_NK.astype(jnp.float32)
+  # Out-of-range ids scatter a zero update into a clipped row, so the scatter can skip its
+  # bounds checks and such ids still receive no gradient.
+  in_range_NK = (idx_NK >= 0) & (idx_NK < n_slots)
+  w_NK = jnp.where(in_range_NK, w_NK.astype(jnp.float32), 0.0)
+  idx_NK = jnp.clip(idx_NK, 0, n_slots - 1)
 
-  def position(k, carry):
-    dvalues_SV, dw_KN = carry
-    rows_NV = jnp.take(values_SV, idx_NK[:, k], axis=0, mode="clip").astype(jnp.float32)
-    dw_KN = dw_KN.at[k].set(jnp.sum(rows_NV * dout_NV, axis=-1))
-    dvalues_SV = dvalues_SV.at[idx_NK[:, k]].add(w_NK[:, k, None] * dout_NV, mode="drop")
-    return dvalues_SV, dw_KN
+  def position(dvalues_SV, idx_w):
+    idx_N, w_N = idx_w
+    rows_NV = jnp.take(values_SV, idx_N, axis=0).astype(jnp.float32)
+    dvalues_SV = dvalues_SV.at[idx_N].add(w_N[:, None] * dout_NV, mode="promise_in_bounds")
+    return dvalues_SV, jnp.sum(rows_NV * dout_NV, axis=-1)
 
-  carry = (jnp.zeros(values_SV.shape, jnp.float32), jnp.zeros((bag, n_tokens), jnp.float32))
-  dvalues_SV, dw_KN = jax.lax.fori_loop(
-      0, bag, position, carry, unroll=min(_UNROLL, max(bag, 1))
+  bag = idx_NK.shape[1]
+  dvalues_SV, dw_KN = jax.lax.scan(
+      position,
+      jnp.zeros(values_SV.shape, jnp.float32),
+      (idx_NK.T, w_NK.T),
+      unroll=min(_UNROLL, max(bag, 1)),
   )
   return dvalues_SV, dw_KN.T
 

@@ -43,7 +43,6 @@ def product_topk(
   b_RK, i2_RK = jax.lax.top_k(scores2_RN, knn)
   rows, cols = candidate_pairs(knn)
   grid_RC = a_RK[:, rows] + b_RK[:, cols]
+  slots_RC = i1_RK[:, rows] * n_keys + i2_RK[:, cols]
   scores_RK, best_RK = jax.lax.top_k(grid_RC, knn)
-  slot1_RK = jnp.take_along_axis(i1_RK, jnp.asarray(rows)[best_RK], axis=-1)
-  slot2_RK = jnp.take_along_axis(i2_RK, jnp.asarray(cols)[best_RK], axis=-1)
-  return scores_RK, slot1_RK * n_keys + slot2_RK
+  return scores_RK, jnp.take_along_axis(slots_RC, best_RK, axis=-1)

@@ -74,8 +74,9 @@ class ProductKeyMemory(nnx.Module):
   def _fold_query(self, n_tokens: int, dim: int) -> bool:
     """Whether scoring x against W_q K^T (folded) does fewer FLOPs than projecting the query first.
 
-    Both are exact; folding skips the (N, H * k_dim) query when the model dim and the sub-key
-    count are small next to k_dim. Query dropout and qk-norm act on the query, so they need it.
+    The two orders give the same scores up to rounding; folding skips the (N, H * k_dim) query
+    when the model dim and the sub-key count are small next to k_dim (not at the reference's
+    sizes). Query dropout and qk-norm act on the query itself, so they keep the projection.
     """
     if self.qk_norm or self.query_dropout.rate > 0:
       return False

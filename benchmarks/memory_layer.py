@@ -4,7 +4,7 @@ The oracle layer (tests/torch_oracle.py) is the reference's maths with `F.embedd
 reference runs on CPU. Both layers hold the same weights and read the same input; the backward
 computes every parameter gradient and the input gradient. Times are minima over interleaved rounds.
 
-  python benchmarks/memory_layer.py [--json FILE] [--repeats 10] [--smoke]
+  python benchmarks/memory_layer.py [--json FILE] [--repeats 10] [--parts] [--smoke]
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import torch.nn.functional as F
 from flax import nnx
 
 from memjax.config import MemoryConfig, ModelConfig
 from memjax.layers.memory import ProductKeyMemory
+from memjax.ops import embedding_bag
 from tests.torch_oracle import OracleMemory, load_into_oracle
 
 # The issue's shape: B=16, T=256, dim 256, n_keys 256, 4 heads, knn 32, k_dim 512, float32.
@@ -47,11 +49,50 @@ def best_times(fns: dict, rounds: int) -> dict:
   return {name: min(ts) for name, ts in times.items()}
 
 
+def stage_timers(graphdef, params, rest, oracle, x_np) -> dict:
+  """The layer's two costly stages alone: slot selection (scores and top-k) and the bag."""
+  x_ND = x_np.reshape(-1, x_np.shape[-1])
+  layer = nnx.merge(graphdef, params, rest)
+  slots_NHK, weights_NHK = layer.select(jnp.asarray(x_ND))
+  n = x_ND.shape[0]
+  idx_NB, w_NB = slots_NHK.reshape(n, -1), weights_NHK.reshape(n, -1)
+  values = params["values"][...]
+  cot_NV = jnp.ones((n, values.shape[1]), jnp.float32)
+
+  select = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest).select(x))
+  bag_grads = jax.jit(
+      jax.grad(lambda v, w: jnp.sum(embedding_bag(v, idx_NB, w) * cot_NV), argnums=(0, 1))
+  )
+  x_t = torch.from_numpy(x_ND)
+  idx_t = torch.from_numpy(np.array(idx_NB)).long()
+  w_t = torch.from_numpy(np.array(w_NB))
+  table_t = oracle.values.weight
+
+  def torch_select():
+    with torch.no_grad():
+      oracle.select(x_t)
+
+  def torch_bag():
+    table_t.grad = None
+    w = w_t.clone().requires_grad_(True)
+    F.embedding_bag(idx_t, table_t, per_sample_weights=w, mode="sum").sum().backward()
+
+  return {
+      "memjax_select_fwd_s": lambda: jax.block_until_ready(select(params, jnp.asarray(x_ND))),
+      "memjax_bag_fwd_bwd_s": lambda: jax.block_until_ready(bag_grads(values, w_NB)),
+      "torch_select_fwd_s": torch_select,
+      "torch_bag_fwd_bwd_s": torch_bag,
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", type=pathlib.Path, help="write the figures here")
   parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, for tests")
+  parser.add_argument(
+      "--parts", action="store_true", help="also time slot selection and the embedding bag alone"
+  )
   args = parser.parse_args()
   shape = SMOKE if args.smoke else FULL
 
@@ -93,17 +134,20 @@ def main() -> None:
     xr = x_t.clone().requires_grad_(True)
     (oracle(xr) * g_t).sum().backward()
 
-  results = best_times(
-      {
-          "memjax_fwd_s": lambda: jax.block_until_ready(jax_fwd(params, x)),
-          "memjax_fwd_bwd_s": lambda: jax.block_until_ready(jax_fwd_bwd(params, x)),
-          "torch_fwd_s": torch_fwd,
-          "torch_fwd_bwd_s": torch_fwd_bwd,
-      },
-      args.repeats,
-  )
-  results["speedup_fwd"] = results["torch_fwd_s"] / results["memjax_fwd_s"]
-  results["speedup_fwd_bwd"] = results["torch_fwd_bwd_s"] / results["memjax_fwd_bwd_s"]
+  timed = {
+      "memjax_fwd_s": lambda: jax.block_until_ready(jax_fwd(params, x)),
+      "memjax_fwd_bwd_s": lambda: jax.block_until_ready(jax_fwd_bwd(params, x)),
+      "torch_fwd_s": torch_fwd,
+      "torch_fwd_bwd_s": torch_fwd_bwd,
+  }
+  if args.parts:
+    timed.update(stage_timers(graphdef, params, rest, oracle, x_np))
+  results = best_times(timed, args.repeats)
+  passes = [("fwd", "fwd"), ("fwd+bwd", "fwd_bwd")]
+  if args.parts:
+    passes += [("slot selection fwd", "select_fwd"), ("embedding bag fwd+bwd", "bag_fwd_bwd")]
+  for _, key in passes:
+    results[f"speedup_{key}"] = results[f"torch_{key}_s"] / results[f"memjax_{key}_s"]
 
   print(
       f"memory layer, B={shape['batch']} T={shape['seq']} dim={shape['dim']} "
@@ -113,7 +157,7 @@ def main() -> None:
   )
   print(f"| pass | memjax (s) | torch oracle (s) | speedup |")
   print(f"|---|---|---|---|")
-  for name, key in (("fwd", "fwd"), ("fwd+bwd", "fwd_bwd")):
+  for name, key in passes:
     print(
         f"| {name} | {results[f'memjax_{key}_s']:.4f} | {results[f'torch_{key}_s']:.4f} | "
         f"{results[f'speedup_{key}']:.2f}x |"

@@ -12,6 +12,7 @@ from flax import nnx
 
 from memjax.config import ModelConfig
 from memjax.layers import init
+from memjax.layers.norms import rms_normalise
 from memjax.ops import embedding_bag, product_topk
 
 
@@ -24,11 +25,6 @@ def new_value_table(cfg: ModelConfig, rngs: nnx.Rngs) -> MemoryValues:
   shape = (cfg.memory.n_slots, cfg.value_dim)
   dtype = init.DTYPES[cfg.memory.value_dtype]
   return MemoryValues(init.normal(cfg.value_dim**-0.5)(rngs.params(), shape, dtype))
-
-
-def _rms_normalise(x, eps):
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 class ProductKeyMemory(nnx.Module):
@@ -104,8 +100,8 @@ class ProductKeyMemory(nnx.Module):
     query_NH2E = self.query_dropout(self.query_proj(x_ND)).reshape(n, self.heads, 2, self.half)
     keys_H2ME = keys_H2ME.astype(query_NH2E.dtype)
     if self.qk_norm:
-      query_NH2E = _rms_normalise(query_NH2E, self.norm_eps)
-      keys_H2ME = _rms_normalise(keys_H2ME, self.norm_eps)
+      query_NH2E = rms_normalise(query_NH2E, self.norm_eps).astype(query_NH2E.dtype)
+      keys_H2ME = rms_normalise(keys_H2ME, self.norm_eps).astype(keys_H2ME.dtype)
     return jnp.einsum("nhse,hsme->nhsm", query_NH2E, keys_H2ME)
 
   def select(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:

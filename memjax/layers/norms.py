@@ -5,6 +5,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def rms_normalise(x: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis, computed in float32 and returned in float32."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
@@ -12,6 +18,5 @@ class RMSNorm(nnx.Module):
     self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    normed = rms_normalise(x, self.eps)
     return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)

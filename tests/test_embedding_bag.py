@@ -24,17 +24,18 @@ def random_case(seed, slots, dim, tokens, bag, dup_pool=None, dtype=jnp.float32)
   return values, jnp.asarray(idx), weights
 
 
-# float32 sums in a different order than the reference: a few ulps of the output's scale.
+# float32 sums in another order than the reference: a few ulps of the terms' magnitude (the
+# result itself can be far smaller when signed terms cancel).
 F32_REL = 1e-5
 
 
-def close(actual, expected, rel):
+def close(actual, expected, rel, scale=None):
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  scale = max(np.abs(expected).max(), 1e-30)
+  scale = max(np.abs(expected).max() if scale is None else scale, 1e-30)
   np.testing.assert_array_less(np.abs(actual - expected).max(), rel * scale + 1e-30)
 
 
-@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
 @hypothesis.given(
     seed=st.integers(0, 2**16),
     slots=st.integers(1, 300),
@@ -43,15 +44,20 @@ def close(actual, expected, rel):
     bag=st.integers(1, 70),
     duplicated=st.booleans(),
 )
+# Signed terms cancelling to a tiny output (once a false failure of a result-relative tolerance).
+@hypothesis.example(seed=48, slots=47, dim=1, tokens=1, bag=46, duplicated=False)
 def test_forward_and_gradients_match_gather_and_sum(seed, slots, dim, tokens, bag, duplicated):
   values, idx, w = random_case(seed, slots, dim, tokens, bag, dup_pool=3 if duplicated else None)
   cot = jax.random.normal(jax.random.PRNGKey(seed), (tokens, dim))
   loss = lambda f: lambda v, w: jnp.sum(f(v, idx, w) * cot)
-  close(embedding_bag(values, idx, w), naive_bag(values, idx, w), F32_REL)
+  abs_loss = lambda v, w: jnp.sum(naive_bag(jnp.abs(v), idx, w) * jnp.abs(cot))
+  term_scale = [np.abs(g).max() for g in jax.grad(abs_loss, argnums=(0, 1))(values, w)]
+  out_scale = np.abs(naive_bag(jnp.abs(values), idx, w)).max()
+  close(embedding_bag(values, idx, w), naive_bag(values, idx, w), F32_REL, out_scale)
   got = jax.grad(loss(embedding_bag), argnums=(0, 1))(values, w)
   want = jax.grad(loss(naive_bag), argnums=(0, 1))(values, w)
-  close(got[0], want[0], F32_REL)  # table: duplicates summed, unread rows zero
-  close(got[1], want[1], F32_REL)  # weights: <dOut, V[idx]>
+  close(got[0], want[0], F32_REL, term_scale[0])  # table: duplicates summed, unread rows zero
+  close(got[1], want[1], F32_REL, term_scale[1])  # weights: <dOut, V[idx]>
 
 
 def test_first_and_last_rows_and_repeated_index_in_one_bag():

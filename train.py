@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  tokens = data.read_corpus(cfg.train.data or data.default_glob())
+  tokens = data.read_corpus([cfg.train.data] if cfg.train.data else data.default_globs())
   print(f"data: {len(tokens):,} byte tokens")
   batches = data.random_windows(tokens, cfg.train.batch_size, cfg.train.seq_len, cfg.seed)
   tokens_per_step = cfg.train.batch_size * cfg.train.seq_len

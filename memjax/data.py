@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import pathlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -12,21 +12,22 @@ BOS, EOS = 256, 257
 _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def default_glob() -> str:
+def default_globs() -> tuple[str, ...]:
   """The package's own Markdown and Python files: text that is always there, nothing downloaded."""
-  return str(_PACKAGE_ROOT / "**" / "*.[mp][dy]")
+  return tuple(str(_PACKAGE_ROOT / "**" / f"*.{ext}") for ext in ("md", "py"))
 
 
-def read_corpus(pattern: str) -> np.ndarray:
-  """All files matching `pattern` as one int32 stream of byte ids, each document framed by BOS/EOS."""
-  paths = sorted(p for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
+def read_corpus(patterns: Sequence[str]) -> np.ndarray:
+  """All files matching any pattern as one int32 stream of byte ids, each framed by BOS/EOS."""
+  matches = {p for pattern in patterns for p in glob.glob(pattern, recursive=True)}
+  paths = sorted(p for p in matches if pathlib.Path(p).is_file())
   if not paths:
-    raise FileNotFoundError(f"train.data: no files match {pattern!r}")
+    raise FileNotFoundError(f"train.data: no files match {', '.join(map(repr, patterns))}")
   docs = []
   for p in paths:
-    data = np.frombuffer(pathlib.Path(p).read_bytes(), dtype=np.uint8).astype(np.int32)
-    docs.append(np.concatenate([[BOS], data, [EOS]]).astype(np.int32))
-  return np.concatenate(docs)
+    data = np.frombuffer(pathlib.Path(p).read_bytes(), dtype=np.uint8)
+    docs.append(np.concatenate([[BOS], data, [EOS]]))
+  return np.concatenate(docs).astype(np.int32)
 
 
 def random_windows(

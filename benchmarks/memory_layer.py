@@ -4,7 +4,10 @@ The oracle layer (tests/torch_oracle.py) is the reference's maths with `F.embedd
 reference runs on CPU. Both layers hold the same weights and read the same input; the backward
 computes every parameter gradient and the input gradient. Times are minima over interleaved rounds.
 
-  python benchmarks/memory_layer.py [--json FILE] [--repeats 10] [--parts] [--smoke]
+  python benchmarks/memory_layer.py [--json FILE] [--repeats 10] [--parts] [--smoke] [--impl auto]
+
+memjax runs with the lookup impl `--impl` ("auto": the C++ CPU kernels when they build, else
+"xla", the pure-JAX path).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from flax import nnx
 
 from memjax.config import MemoryConfig, ModelConfig
 from memjax.layers.memory import ProductKeyMemory
-from memjax.ops import embedding_bag
+from memjax.ops import embedding_bag, resolve_impl
 from tests.torch_oracle import OracleMemory, load_into_oracle
 
 # The issue's shape: B=16, T=256, dim 256, n_keys 256, 4 heads, knn 32, k_dim 512, float32.
@@ -49,7 +52,7 @@ def best_times(fns: dict, rounds: int) -> dict:
   return {name: min(ts) for name, ts in times.items()}
 
 
-def stage_timers(graphdef, params, rest, oracle, x_np) -> dict:
+def stage_timers(graphdef, params, rest, oracle, x_np, impl: str) -> dict:
   """The layer's two costly stages alone: slot selection (scores and top-k) and the bag."""
   x_ND = x_np.reshape(-1, x_np.shape[-1])
   layer = nnx.merge(graphdef, params, rest)
@@ -61,7 +64,9 @@ def stage_timers(graphdef, params, rest, oracle, x_np) -> dict:
 
   select = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest).select(x))
   bag_grads = jax.jit(
-      jax.grad(lambda v, w: jnp.sum(embedding_bag(v, idx_NB, w) * cot_NV), argnums=(0, 1))
+      jax.grad(
+          lambda v, w: jnp.sum(embedding_bag(v, idx_NB, w, impl=impl) * cot_NV), argnums=(0, 1)
+      )
   )
   x_t = torch.from_numpy(x_ND)
   idx_t = torch.from_numpy(np.array(idx_NB)).long()
@@ -93,14 +98,16 @@ def main() -> None:
   parser.add_argument(
       "--parts", action="store_true", help="also time slot selection and the embedding bag alone"
   )
+  parser.add_argument("--impl", default="auto", help="lookup impl: auto, xla or cpu")
   args = parser.parse_args()
   shape = SMOKE if args.smoke else FULL
+  impl = resolve_impl(args.impl)
 
   cfg = ModelConfig(
       dim=shape["dim"], n_layers=1, n_heads=4,
       memory=MemoryConfig(
           layers=(0,), n_keys=shape["n_keys"], heads=shape["heads"], knn=shape["knn"],
-          k_dim=shape["k_dim"],
+          k_dim=shape["k_dim"], impl=impl,
       ),
   )
   layer = ProductKeyMemory(cfg, rngs=nnx.Rngs(0))
@@ -141,7 +148,7 @@ def main() -> None:
       "torch_fwd_bwd_s": torch_fwd_bwd,
   }
   if args.parts:
-    timed.update(stage_timers(graphdef, params, rest, oracle, x_np))
+    timed.update(stage_timers(graphdef, params, rest, oracle, x_np, impl))
   results = best_times(timed, args.repeats)
   passes = [("fwd", "fwd"), ("fwd+bwd", "fwd_bwd")]
   if args.parts:
@@ -152,7 +159,7 @@ def main() -> None:
   print(
       f"memory layer, B={shape['batch']} T={shape['seq']} dim={shape['dim']} "
       f"n_keys={shape['n_keys']} heads={shape['heads']} knn={shape['knn']} "
-      f"k_dim={shape['k_dim']}, float32, {os.cpu_count()} CPUs, torch threads "
+      f"k_dim={shape['k_dim']}, float32, memjax impl {impl}, {os.cpu_count()} CPUs, torch threads "
       f"{torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}"
   )
   print(f"| pass | memjax (s) | torch oracle (s) | speedup |")
@@ -163,7 +170,7 @@ def main() -> None:
         f"{results[f'speedup_{key}']:.2f}x |"
     )
   if args.json:
-    args.json.write_text(json.dumps({**results, "shape": shape}, indent=2))
+    args.json.write_text(json.dumps({**results, "impl": impl, "shape": shape}, indent=2))
 
 
 if __name__ == "__main__":

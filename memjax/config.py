@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 InitStdFactor = Literal["disabled", "current_depth", "global_depth", "dim_ratio"]
-BagImpl = Literal["auto", "xla", "pallas_tpu", "triton"]
+BagImpl = Literal["auto", "xla", "cpu", "pallas_tpu", "triton"]
 
 
 class ConfigError(ValueError):

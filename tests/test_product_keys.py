@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from lookup_impls import IMPLS
 from memjax.ops import candidate_pairs
 from memjax.ops import product_topk as _product_topk
 
@@ -22,7 +23,8 @@ SETTINGS = settings(
     max_examples=20, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-product_topk = jax.jit(_product_topk, static_argnums=2)
+product_topk = jax.jit(_product_topk, static_argnums=(2, 3))
+with_impls = pytest.mark.parametrize("impl", IMPLS)
 
 
 def brute_force_topk(s1_RN: np.ndarray, s2_RN: np.ndarray, knn: int):
@@ -58,11 +60,12 @@ def problems(draw, integer_scores: bool):
   return s1, s2, knn
 
 
+@with_impls
 @SETTINGS
 @given(problems(integer_scores=False))
-def test_equals_brute_force(problem):
+def test_equals_brute_force(impl, problem):
   s1_RN, s2_RN, knn = problem
-  scores_RK, slots_RK = product_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn)
+  scores_RK, slots_RK = product_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn, impl)
   want_scores_RS, want_slots_RS = brute_force_topk(s1_RN, s2_RN, knn)
   # Continuous random scores: a tie at the cut (which would make the set ambiguous) is rare.
   if knn < want_scores_RS.shape[-1]:
@@ -72,22 +75,24 @@ def test_equals_brute_force(problem):
   assert (np.diff(np.asarray(scores_RK), axis=-1) <= 0).all()  # sorted descending
 
 
+@with_impls
 @SETTINGS
 @given(problems(integer_scores=True))
-def test_equals_full_grid_with_ties(problem):
+def test_equals_full_grid_with_ties(impl, problem):
   s1_RN, s2_RN, knn = problem
-  scores_RK, slots_RK = product_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn)
+  scores_RK, slots_RK = product_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn, impl)
   want_scores_RK, want_slots_RK = full_grid_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn)
   np.testing.assert_array_equal(scores_RK, want_scores_RK)
   np.testing.assert_array_equal(slots_RK, want_slots_RK)  # same slots, same order
 
 
-def test_tie_breaking_follows_the_flattened_grid():
+@with_impls
+def test_tie_breaking_follows_the_flattened_grid(impl):
   # Both halves constant: every pair ties, so the winners are the first k of the flattened grid,
   # i.e. (0, 0), (0, 1), ..., with i1 = i2 = sub-key order from lax.top_k (lowest index first).
   n, knn = 6, 4
   ones = jnp.ones((1, n), jnp.float32)
-  scores_RK, slots_RK = product_topk(ones, ones, knn)
+  scores_RK, slots_RK = product_topk(ones, ones, knn, impl)
   np.testing.assert_array_equal(scores_RK, [[2.0] * knn])
   np.testing.assert_array_equal(slots_RK, [[0, 1, 2, 3]])
 
@@ -108,15 +113,16 @@ def test_candidate_pairs(knn):
   assert (np.diff(flat) > 0).all()
 
 
+@with_impls
 @SETTINGS
 @given(problems(integer_scores=False))
-def test_gradients_reach_only_selected_entries(problem):
+def test_gradients_reach_only_selected_entries(impl, problem):
   s1_RN, s2_RN, knn = problem
   n = s1_RN.shape[-1]
   cot_RK = np.random.default_rng(knn).standard_normal((len(s1_RN), knn)).astype(np.float32)
-  loss = lambda s1, s2: jnp.sum(_product_topk(s1, s2, knn)[0] * cot_RK)
+  loss = lambda s1, s2: jnp.sum(_product_topk(s1, s2, knn, impl)[0] * cot_RK)
   d1_RN, d2_RN = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(s1_RN), jnp.asarray(s2_RN))
-  _, slots_RK = product_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn)
+  _, slots_RK = product_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn, impl)
   # Score k is s1[i1] + s2[i2]: its cotangent goes to exactly those two entries.
   want1_RN, want2_RN = np.zeros_like(s1_RN), np.zeros_like(s2_RN)
   for r, k in np.ndindex(slots_RK.shape):

@@ -113,6 +113,7 @@ class ProductKeyMemory(nnx.Module):
         scores_NH2M[:, :, 0].reshape(rows, self.n_keys),
         scores_NH2M[:, :, 1].reshape(rows, self.n_keys),
         self.knn,
+        impl=self.impl,
     )
     weights_RK = jax.nn.softmax(scores_RK.astype(jnp.float32), axis=-1).astype(scores_RK.dtype)
     shape = (n, self.heads, self.knn)

@@ -1,7 +1,7 @@
 """Operations behind the memory layer; kernels plug in under `embedding_bag`'s `impl`."""
 
 from memjax.ops.embedding_bag import available_impls, embedding_bag, register_impl, resolve_impl
-from memjax.ops.product_keys import candidate_pairs, product_topk
+from memjax.ops.product_keys import candidate_pairs, product_topk, register_top_k
 
 __all__ = [
     "available_impls",
@@ -9,5 +9,6 @@ __all__ = [
     "embedding_bag",
     "product_topk",
     "register_impl",
+    "register_top_k",
     "resolve_impl",
 ]

@@ -13,6 +13,7 @@ Accumulation is float32; the output has the weights' dtype, the table gradient t
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Callable
 
 import jax
@@ -23,19 +24,40 @@ import jax.numpy as jnp
 _UNROLL = 8
 
 
-def _bag_forward_xla(values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
+def _varying_axes(*arrays: jax.Array) -> tuple[str, ...]:
+  """The shard_map axes over which any of `arrays` varies (none outside shard_map)."""
+  axes = set()
+  for array in arrays:
+    manual = getattr(jax.typeof(array), "manual_axis_type", None)
+    axes |= set(manual.varying) if manual is not None else set()
+  return tuple(sorted(axes))
+
+
+def _to_varying(array: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  missing = tuple(a for a in axes if a not in _varying_axes(array))
+  return jax.lax.pcast(array, missing, to="varying") if missing else array
+
+
+def _zeros(shape: tuple[int, ...], *like: jax.Array) -> jax.Array:
+  """float32 zeros varying like `like`, so that loop carries keep one type inside shard_map."""
+  return _to_varying(jnp.zeros(shape, jnp.float32), _varying_axes(*like))
+
+
+def bag_forward_xla(values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
   n_tokens, bag = idx_NK.shape
   w_NK = w_NK.astype(jnp.float32)
+  if bag == 0:
+    return _zeros((n_tokens, values_SV.shape[1]), values_SV, idx_NK, w_NK)
 
   def add_position(k, acc_NV):
     rows_NV = jnp.take(values_SV, idx_NK[:, k], axis=0, mode="clip")
     return acc_NV + w_NK[:, k, None] * rows_NV.astype(jnp.float32)
 
-  acc_NV = jnp.zeros((n_tokens, values_SV.shape[1]), jnp.float32)
+  acc_NV = _zeros((n_tokens, values_SV.shape[1]), values_SV, idx_NK, w_NK)
   return jax.lax.fori_loop(0, bag, add_position, acc_NV, unroll=min(_UNROLL, max(bag, 1)))
 
 
-def _bag_backward_xla(
+def bag_backward_xla(
     values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, dout_NV: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   n_slots = values_SV.shape[0]
@@ -55,7 +77,7 @@ def _bag_backward_xla(
   bag = idx_NK.shape[1]
   dvalues_SV, dw_KN = jax.lax.scan(
       position,
-      jnp.zeros(values_SV.shape, jnp.float32),
+      _zeros(values_SV.shape, values_SV, idx_NK, w_NK, dout_NV),
       (idx_NK.T, w_NK.T),
       unroll=min(_UNROLL, max(bag, 1)),
   )
@@ -63,7 +85,7 @@ def _bag_backward_xla(
 
 
 # name -> (forward, backward); kernels register themselves here.
-_IMPLS: dict[str, tuple[Callable, Callable]] = {"xla": (_bag_forward_xla, _bag_backward_xla)}
+_IMPLS: dict[str, tuple[Callable, Callable]] = {"xla": (bag_forward_xla, bag_backward_xla)}
 
 
 def register_impl(name: str, forward: Callable, backward: Callable) -> None:
@@ -75,11 +97,37 @@ def available_impls() -> tuple[str, ...]:
   return tuple(sorted(_IMPLS))
 
 
+# The impl "auto" picks per platform, and the modules that register kernels on first use.
+_PLATFORM_IMPLS = {"cpu": "cpu", "tpu": "pallas_tpu", "gpu": "triton"}
+_KERNEL_MODULES = {"cpu": "pallas_kernels.cpu"}
+_load_failures: dict[str, str] = {}
+
+
+def _load(impl: str) -> str | None:
+  """Registers `impl` from its kernel module unless done; returns None, or why it cannot be."""
+  if impl in _IMPLS:
+    return None
+  if impl not in _KERNEL_MODULES:
+    return f"no kernels named {impl!r} in this build"
+  if impl not in _load_failures:
+    try:
+      importlib.import_module(_KERNEL_MODULES[impl]).register()
+    except (ImportError, RuntimeError) as error:
+      _load_failures[impl] = str(error)
+  return _load_failures.get(impl)
+
+
 def resolve_impl(impl: str) -> str:
-  """Maps "auto" to the best implementation for the default backend; checks the name."""
+  """Maps "auto" to the best implementation for the default backend; checks the name.
+
+  "auto" falls back to `xla` when the platform's kernels cannot be loaded (for example, no C++
+  compiler for the `cpu` kernels); asking for those kernels by name raises with the reason.
+  """
   if impl == "auto":
-    preferred = {"tpu": "pallas_tpu", "gpu": "triton"}.get(jax.default_backend(), "xla")
-    return preferred if preferred in _IMPLS else "xla"
+    preferred = _PLATFORM_IMPLS.get(jax.default_backend(), "xla")
+    return preferred if _load(preferred) is None else "xla"
+  if impl in _KERNEL_MODULES and (reason := _load(impl)) is not None:
+    raise ValueError(f"embedding_bag impl {impl!r} is not available: {reason}")
   if impl not in _IMPLS:
     raise ValueError(
         f"embedding_bag impl {impl!r} is not available; choose 'auto' or one of "
@@ -91,7 +139,10 @@ def resolve_impl(impl: str) -> str:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _embedding_bag(values_SV, idx_NK, w_NK, impl):
   forward, _ = _IMPLS[impl]
-  return forward(values_SV, idx_NK, w_NK).astype(w_NK.dtype)
+  out_NV = forward(values_SV, idx_NK, w_NK).astype(w_NK.dtype)
+  # Kernels (custom calls) return arrays that shard_map sees as replicated; the result varies
+  # like the inputs, which `embedding_bag` has made alike.
+  return _to_varying(out_NV, _varying_axes(values_SV))
 
 
 def _embedding_bag_fwd(values_SV, idx_NK, w_NK, impl):
@@ -102,7 +153,12 @@ def _embedding_bag_bwd(impl, residuals, dout_NV):
   values_SV, idx_NK, w_NK = residuals
   _, backward = _IMPLS[impl]
   dvalues_SV, dw_NK = backward(values_SV, idx_NK, w_NK, dout_NV)
-  return dvalues_SV.astype(values_SV.dtype), None, dw_NK.astype(w_NK.dtype)
+  axes = _varying_axes(values_SV)
+  return (
+      _to_varying(dvalues_SV.astype(values_SV.dtype), axes),
+      None,
+      _to_varying(dw_NK.astype(w_NK.dtype), axes),
+  )
 
 
 _embedding_bag.defvjp(_embedding_bag_fwd, _embedding_bag_bwd)
@@ -130,4 +186,8 @@ def embedding_bag(
     )
   if not jnp.issubdtype(indices.dtype, jnp.integer):
     raise TypeError(f"embedding_bag indices must be integers, got {indices.dtype}")
+  # Inside shard_map, a table replicated over an axis that the tokens vary over is cast to varying
+  # here, outside the custom_vjp, so that JAX sums its gradient over that axis.
+  axes = _varying_axes(values, indices, weights)
+  values, indices, weights = (_to_varying(a, axes) for a in (values, indices, weights))
   return _embedding_bag(values, indices.astype(jnp.int32), weights, resolve_impl(impl))

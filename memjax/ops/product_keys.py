@@ -10,10 +10,29 @@ at least k pairs ahead of it and can never be selected: only about k*ln(k) pairs
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from memjax.ops.embedding_bag import resolve_impl
+
+
+TopK = Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
+ProductTopK = Callable[[jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]]
+
+# impl name -> kernels for the selection of lookups that run with that embedding-bag impl.
+_TOP_K: dict[str, TopK] = {}
+_PRODUCT_TOPK: dict[str, ProductTopK] = {}
+
+
+def register_top_k(impl: str, top_k: TopK, product_topk: ProductTopK | None = None) -> None:
+  """Selection kernels for `impl`: `top_k` as `jax.lax.top_k`, and optionally a whole
+  float32 `product_topk` (same results as this module's) that replaces the three steps."""
+  _TOP_K[impl] = top_k
+  if product_topk is not None:
+    _PRODUCT_TOPK[impl] = product_topk
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,7 +44,7 @@ def candidate_pairs(knn: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def product_topk(
-    scores1_RN: jax.Array, scores2_RN: jax.Array, knn: int
+    scores1_RN: jax.Array, scores2_RN: jax.Array, knn: int, impl: str = "xla"
 ) -> tuple[jax.Array, jax.Array]:
   """Top `knn` slots of the product grid, per row.
 
@@ -33,16 +52,23 @@ def product_topk(
     scores1_RN: (R, n) scores of the first sub-key set (R = tokens x heads).
     scores2_RN: (R, n) scores of the second sub-key set.
     knn: k, at most n.
+    impl: the lookup's embedding-bag impl ("auto" or a name); its registered selection
+      kernels are used, else `lax.top_k`.
 
   Returns:
     (scores_RK, slots_RK): summed scores, sorted descending, and slot ids i1 * n + i2 in [0, n^2).
     Gradients flow to the selected entries of both score arrays.
   """
+  impl = resolve_impl(impl)  # also loads the impl's kernels on first use
+  fused = _PRODUCT_TOPK.get(impl)
+  if fused is not None and scores1_RN.dtype == scores2_RN.dtype == jnp.float32:
+    return fused(scores1_RN, scores2_RN, knn)
+  top_k = _TOP_K.get(impl, jax.lax.top_k)
   n_keys = scores1_RN.shape[-1]
-  a_RK, i1_RK = jax.lax.top_k(scores1_RN, knn)
-  b_RK, i2_RK = jax.lax.top_k(scores2_RN, knn)
+  a_RK, i1_RK = top_k(scores1_RN, knn)
+  b_RK, i2_RK = top_k(scores2_RN, knn)
   rows, cols = candidate_pairs(knn)
   grid_RC = a_RK[:, rows] + b_RK[:, cols]
   slots_RC = i1_RK[:, rows] * n_keys + i2_RK[:, cols]
-  scores_RK, best_RK = jax.lax.top_k(grid_RC, knn)
+  scores_RK, best_RK = top_k(grid_RC, knn)
   return scores_RK, jnp.take_along_axis(slots_RC, best_RK, axis=-1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from typing import Callable
 
 import jax
@@ -100,7 +101,8 @@ def available_impls() -> tuple[str, ...]:
 # The impl "auto" picks per platform, and the modules that register kernels on first use.
 _PLATFORM_IMPLS = {"cpu": "cpu", "tpu": "pallas_tpu", "gpu": "triton"}
 _KERNEL_MODULES = {"cpu": "pallas_kernels.cpu"}
-_load_failures: dict[str, str] = {}
+_load_failures: dict[str, Exception] = {}
+_warned: set[str] = set()
 
 
 def _load(impl: str) -> str | None:
@@ -112,9 +114,10 @@ def _load(impl: str) -> str | None:
   if impl not in _load_failures:
     try:
       importlib.import_module(_KERNEL_MODULES[impl]).register()
+      return None
     except (ImportError, RuntimeError) as error:
-      _load_failures[impl] = str(error)
-  return _load_failures.get(impl)
+      _load_failures[impl] = error
+  return str(_load_failures[impl])
 
 
 def resolve_impl(impl: str) -> str:
@@ -125,7 +128,15 @@ def resolve_impl(impl: str) -> str:
   """
   if impl == "auto":
     preferred = _PLATFORM_IMPLS.get(jax.default_backend(), "xla")
-    return preferred if _load(preferred) is None else "xla"
+    reason = _load(preferred)
+    if reason is None:
+      return preferred
+    deliberate = getattr(_load_failures.get(preferred), "deliberate", False)
+    if preferred in _KERNEL_MODULES and not deliberate and preferred not in _warned:
+      _warned.add(preferred)
+      warnings.warn(f"memjax: the {preferred} lookup kernels are unavailable ({reason}); using the "
+                    "slower xla impl", RuntimeWarning, stacklevel=2)
+    return "xla"
   if impl in _KERNEL_MODULES and (reason := _load(impl)) is not None:
     raise ValueError(f"embedding_bag impl {impl!r} is not available: {reason}")
   if impl not in _IMPLS:

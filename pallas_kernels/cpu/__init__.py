@@ -15,6 +15,7 @@ from pallas_kernels.cpu.ops import (
     available,
     bag_backward,
     bag_forward,
+    load_error,
     product_topk,
     top_k,
     unavailable_reason,
@@ -25,6 +26,7 @@ __all__ = [
     "available",
     "bag_backward",
     "bag_forward",
+    "load_error",
     "product_topk",
     "register",
     "top_k",
@@ -36,8 +38,8 @@ def register() -> None:
   """Builds the kernels if needed and registers them as memjax's `cpu` impl. Raises BuildError."""
   from memjax.ops import register_impl, register_top_k
 
-  reason = unavailable_reason()
-  if reason is not None:
-    raise BuildError(reason)
+  error = load_error()
+  if error is not None:
+    raise error
   register_impl("cpu", bag_forward, bag_backward)
   register_top_k("cpu", top_k, product_topk)

@@ -29,6 +29,12 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPI
 class BuildError(RuntimeError):
   """The CPU kernels could not be built or loaded; the message says why."""
 
+  deliberate = False  # True when the user turned them off: no warning is due
+
+
+class Disabled(BuildError):
+  deliberate = True
+
 
 def cache_dir() -> pathlib.Path:
   if "MEMJAX_CACHE_DIR" in os.environ:
@@ -81,7 +87,7 @@ def _compile(target: pathlib.Path) -> None:
 def load() -> ctypes.CDLL:
   """The compiled library, built now if no cached build fits. Raises BuildError."""
   if os.environ.get("MEMJAX_CPU_KERNELS", "1") == "0":
-    raise BuildError("turned off by MEMJAX_CPU_KERNELS=0")
+    raise Disabled("turned off by MEMJAX_CPU_KERNELS=0")
   path = _library_path()
   if not path.exists():
     _compile(path)

@@ -31,13 +31,18 @@ def _register_targets() -> None:
 
 
 @functools.cache
-def unavailable_reason() -> str | None:
-  """None when the kernels are built and registered, else why not (asked once per process)."""
+def load_error() -> build.BuildError | None:
+  """None when the kernels are built and registered, else the error (tried once per process)."""
   try:
     _register_targets()
   except build.BuildError as error:
-    return str(error)
+    return error
   return None
+
+
+def unavailable_reason() -> str | None:
+  error = load_error()
+  return None if error is None else str(error)
 
 
 def available() -> bool:

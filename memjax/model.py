@@ -1,12 +1,18 @@
 """The decoder-only language model: pre-norm blocks whose FFN is SwiGLU or a memory layer.
 
-Axis letters: B batch, T time, D model dim, W vocabulary.
+Axis letters: B batch, T time, D model dim, W vocabulary, C cache positions, F rotary frequencies.
 Module and parameter names mirror the reference's state dict (spec 5.2), so checkpoints convert by
 name: `tok_embeddings`, `layers.{i}.{attention,attention_norm,feed_forward,ffn_norm}`, `norm`,
 `output`. The shared value table is one `MemoryValues` variable referenced by every memory layer.
+
+`Transformer.__call__` is the training forward over whole sequences. Decoding (memjax.generate)
+uses `init_cache` and `extend`, which run new tokens against a key/value cache; memory layers read
+per token and need no cache.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +20,7 @@ from flax import nnx
 
 from memjax.config import ModelConfig
 from memjax.layers import init
-from memjax.layers.attention import Attention, rope_angles
+from memjax.layers.attention import Attention, KVCache, rope_angles
 from memjax.layers.feed_forward import FeedForward
 from memjax.layers.memory import MemoryValues, ProductKeyMemory, new_value_table
 from memjax.layers.norms import RMSNorm
@@ -61,6 +67,29 @@ class Block(nnx.Module):
     h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_TF, sin_TF)
     return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
 
+  def extend(self, x_BTD, cache: KVCache, start_B, cos_CF, sin_CF) -> tuple[jax.Array, KVCache]:
+    """`__call__` for tokens that continue the rows held in `cache` (see `Attention.extend`)."""
+    attended_BTD, cache = self.attention.extend(
+        self.attention_norm(x_BTD), cache, start_B, cos_CF, sin_CF
+    )
+    h_BTD = x_BTD + attended_BTD
+    return h_BTD + self.feed_forward(self.ffn_norm(h_BTD)), cache
+
+
+class DecodeCache(NamedTuple):
+  """What decoding carries between calls: every block's keys and values, and each row's length.
+
+  Row b holds tokens at positions [0, lengths_B[b]); rows advance independently, so a batch of
+  prompts of different lengths needs no left padding and every row's positions start at 0.
+  """
+
+  layers: tuple[KVCache, ...]
+  lengths_B: jax.Array  # int32
+
+  @property
+  def capacity(self) -> int:
+    return self.layers[0].capacity
+
 
 class Transformer(nnx.Module):
   """tokens (B, T) -> logits (B, T, W)."""
@@ -95,6 +124,48 @@ class Transformer(nnx.Module):
     for block in self.layers:
       h_BTD = block(h_BTD, cos_TF, sin_TF)
     return self.output(self.norm(h_BTD))
+
+  def init_cache(self, batch_size: int, capacity: int) -> DecodeCache:
+    """An empty cache for `batch_size` rows of up to `capacity` positions, in the compute dtype."""
+    if batch_size < 1 or capacity < 1:
+      raise ValueError(f"batch_size and capacity must be >= 1, got {batch_size} and {capacity}")
+    cfg = self.cfg
+    layer = KVCache.zeros(
+        batch_size, capacity, cfg.resolved_kv_heads, cfg.resolved_head_dim, init.DTYPES[cfg.dtype]
+    )
+    # jnp arrays are immutable, so every block may start from the same zeros.
+    return DecodeCache((layer,) * cfg.n_layers, jnp.zeros((batch_size,), jnp.int32))
+
+  def extend(
+      self, tokens_BT: jax.Array, cache: DecodeCache, n_valid_B: jax.Array | None = None
+  ) -> tuple[jax.Array, DecodeCache]:
+    """Logits (B, T, W) of tokens that continue each row of `cache`, and the cache with them added.
+
+    Row b's tokens take positions cache.lengths_B[b] + t, so a prefill and the decode steps
+    after it give the logits that `__call__` gives on the whole sequence. With `n_valid_B`, only
+    the first n_valid_B[b] tokens of row b count (right padding of a ragged prompt batch): the
+    row's length advances by that much, and the next call overwrites the padding's entries.
+    The caller keeps lengths + T within the cache's capacity.
+    """
+    t = tokens_BT.shape[1]
+    cos_CF, sin_CF = rope_angles(self.cfg.resolved_head_dim, cache.capacity, self.cfg.rope_theta)
+    start_B = cache.lengths_B
+    h_BTD = self.tok_embeddings(tokens_BT)
+    layers = []
+    for block, layer_cache in zip(self.layers, cache.layers, strict=True):
+      h_BTD, layer_cache = block.extend(h_BTD, layer_cache, start_B, cos_CF, sin_CF)
+      layers.append(layer_cache)
+    advance_B = t if n_valid_B is None else n_valid_B.astype(start_B.dtype)
+    return self.output(self.norm(h_BTD)), DecodeCache(tuple(layers), start_B + advance_B)
+
+
+def split_for_inference(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
+  """Graph and state of `model` in eval mode (dropout off) without the intermediates a forward
+  recorded on it, for jitted inference functions that rebuild it with `nnx.merge`. `model`
+  itself is left as it is."""
+  view = nnx.view(model, deterministic=True, raise_if_not_found=False)
+  nnx.pop(view, nnx.Intermediate)  # removed from the view's modules only
+  return nnx.split(view)
 
 
 def cross_entropy(logits_BTW: jax.Array, targets_BT: jax.Array) -> jax.Array:

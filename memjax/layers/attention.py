@@ -1,9 +1,15 @@
 """Causal grouped-query attention with interleaved-pair rotary embeddings, no biases.
 
-Axis letters: B batch, T time, D model dim, H query heads, G key/value heads, Z head dim.
+Training runs `Attention.__call__` over whole sequences. Decoding runs `Attention.extend`: new
+tokens at each row's own positions, their keys and values written into a `KVCache`.
+
+Axis letters: B batch, T time, D model dim, H query heads, G key/value heads, Z head dim,
+C cache positions (its capacity), F rotary frequencies (Z/2).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +26,46 @@ def rope_angles(head_dim: int, max_seqlen: int, theta: float) -> tuple[jax.Array
 
 
 def apply_rope(x_BTHZ: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
-  """Rotates pairs (x[2i], x[2i+1]) by position-dependent angles (Meta's layout, not rotate-half)."""
+  """Rotates pairs (x[2i], x[2i+1]) by position-dependent angles (Meta's layout, not rotate-half).
+
+  Position t of every row takes row t of the tables.
+  """
+  t = x_BTHZ.shape[1]
+  return _rotate_pairs(x_BTHZ, cos_TF[None, :t, None, :], sin_TF[None, :t, None, :])
+
+
+def apply_rope_at(x_BTHZ: jax.Array, cos_BTF: jax.Array, sin_BTF: jax.Array) -> jax.Array:
+  """`apply_rope` with angles per row and step: decoding rows each have their own positions."""
+  return _rotate_pairs(x_BTHZ, cos_BTF[:, :, None, :], sin_BTF[:, :, None, :])
+
+
+def _rotate_pairs(x_BTHZ: jax.Array, cos_BT1F: jax.Array, sin_BT1F: jax.Array) -> jax.Array:
   b, t, h, z = x_BTHZ.shape
   pairs = x_BTHZ.astype(jnp.float32).reshape(b, t, h, z // 2, 2)
   x0, x1 = pairs[..., 0], pairs[..., 1]
-  cos, sin = cos_TF[None, :t, None, :], sin_TF[None, :t, None, :]
-  rotated = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  rotated = jnp.stack([x0 * cos_BT1F - x1 * sin_BT1F, x0 * sin_BT1F + x1 * cos_BT1F], axis=-1)
   return rotated.reshape(b, t, h, z).astype(x_BTHZ.dtype)
+
+
+class KVCache(NamedTuple):
+  """One attention layer's rotated keys and its values at positions [0, C) of each row.
+
+  A plain pytree: decoding passes it in and gets the updated one back, so a jitted loop carries
+  it like any other array. Which positions are filled is the caller's record (see
+  `memjax.model.DecodeCache`); entries past a row's length are stale and never attended to.
+  """
+
+  k_BCGZ: jax.Array
+  v_BCGZ: jax.Array
+
+  @classmethod
+  def zeros(cls, batch: int, capacity: int, n_kv_heads: int, head_dim: int, dtype) -> KVCache:
+    shape = (batch, capacity, n_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  @property
+  def capacity(self) -> int:
+    return self.k_BCGZ.shape[1]
 
 
 class Attention(nnx.Module):
@@ -54,3 +93,36 @@ class Attention(nnx.Module):
     v_BTGZ = self.wv(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim)
     out_BTHZ = jax.nn.dot_product_attention(q_BTHZ, k_BTGZ, v_BTGZ, is_causal=True)
     return self.wo(out_BTHZ.reshape(b, t, self.n_heads * self.head_dim))
+
+  def extend(
+      self, x_BTD: jax.Array, cache: KVCache, start_B: jax.Array, cos_CF: jax.Array,
+      sin_CF: jax.Array,
+  ) -> tuple[jax.Array, KVCache]:
+    """Attention for T new tokens per row that continue what `cache` holds.
+
+    Row b's tokens take positions start_B[b] + t: their keys and values are written there, and
+    each attends to every cache position at or before its own. cos_CF and sin_CF are the rotary
+    tables for all C cache positions. The caller keeps start_B + T within C (writes past the
+    end are dropped).
+    """
+    b, t, _ = x_BTD.shape
+    pos_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)
+    cos_BTF, sin_BTF = cos_CF[pos_BT], sin_CF[pos_BT]
+    q_BTHZ = apply_rope_at(
+        self.wq(x_BTD).reshape(b, t, self.n_heads, self.head_dim), cos_BTF, sin_BTF
+    )
+    k_BTGZ = apply_rope_at(
+        self.wk(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim), cos_BTF, sin_BTF
+    )
+    v_BTGZ = self.wv(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim)
+    rows_B1 = jnp.arange(b)[:, None]
+    cache = KVCache(
+        cache.k_BCGZ.at[rows_B1, pos_BT].set(k_BTGZ, mode="drop"),
+        cache.v_BCGZ.at[rows_B1, pos_BT].set(v_BTGZ, mode="drop"),
+    )
+    # Causal over absolute positions; also hides whatever stale entries lie past a row's length.
+    visible_BTC = jnp.arange(cache.capacity) <= pos_BT[:, :, None]
+    out_BTHZ = jax.nn.dot_product_attention(
+        q_BTHZ, cache.k_BCGZ, cache.v_BCGZ, mask=visible_BTC[:, None]
+    )
+    return self.wo(out_BTHZ.reshape(b, t, self.n_heads * self.head_dim)), cache

@@ -1,4 +1,8 @@
-"""Byte-level training text from local files (BOS 256 and EOS 257 around each document)."""
+"""The whole-corpus byte reader of the first train.py (BOS 256 and EOS 257 around each file).
+
+Kept while train.py moves to `memjax.data.pipeline`, which supersedes it (any tokenizer, every
+token seen once per epoch, resumable state).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 BOS, EOS = 256, 257
-_PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository root
 
 
 def default_globs() -> tuple[str, ...]:

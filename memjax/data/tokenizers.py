@@ -1,0 +1,194 @@
+"""Tokenizers: text <-> ids, with the BOS and EOS ids the packer frames every document with.
+
+Three kinds, chosen by `data.tokenizer`:
+
+- `bytes`: the reference's byte ids (UTF-8 bytes 0..255, BOS 256, EOS 257; vocab 258).
+- `sentencepiece`: a SentencePiece model file (the reference's `sp`, e.g. Llama 2's 32k model).
+- `tiktoken`: a tiktoken BPE ranks file (Llama 3's `tokenizer.model` is one), BOS and EOS placed
+  right after the ranks.
+
+Model files are read from `data.tokenizer_path`; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Protocol, Sequence
+
+from etils import epath
+
+TOKENIZER_KINDS = ("bytes", "sentencepiece", "tiktoken")
+
+
+class Tokenizer(Protocol):
+  """What the data pipeline, the probes and generation need from a tokenizer."""
+
+  name: str
+  vocab_size: int  # ids are in [0, vocab_size)
+  bos_id: int
+  eos_id: int
+
+  def encode(self, text: str) -> list[int]:
+    """The ids of `text`, without BOS or EOS."""
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """The text of `ids`; special ids (BOS, EOS, padding) are skipped."""
+    ...
+
+
+def _check_ids(ids: Sequence[int], vocab_size: int, name: str) -> list[int]:
+  ids = [int(i) for i in ids]
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(f"{name} tokenizer: ids must be in [0, {vocab_size}), got {bad[:5]}")
+  return ids
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as ids 0..255, BOS 256, EOS 257: the reference's `bytes` tokenizer."""
+
+  name = "bytes"
+  vocab_size = 258
+  bos_id = 256
+  eos_id = 257
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = _check_ids(ids, self.vocab_size, self.name)
+    # A model can emit byte sequences that are not UTF-8; show them rather than fail.
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model; BOS and EOS are the model's own (its trainer's bos_id/eos_id).
+
+  Text round-trips exactly when the model normalises nothing (`normalization_rule_name=identity`,
+  `remove_extra_whitespaces=false`); the default NFKC rule folds some characters and spaces.
+  """
+
+  name = "sentencepiece"
+
+  def __init__(self, model_path: str | epath.PathLike):
+    import sentencepiece as spm  # only this kind needs it
+
+    model_proto = _read_model_file(model_path)
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(model_proto)
+    except RuntimeError as e:
+      raise ValueError(f"data.tokenizer_path: {model_path} is no SentencePiece model ({e})") from e
+    self.vocab_size = self._sp.get_piece_size()
+    self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise ValueError(
+          f"data.tokenizer_path: the SentencePiece model {model_path} has no BOS or EOS piece "
+          f"(bos_id={self.bos_id}, eos_id={self.eos_id}); train it with bos_id and eos_id >= 0"
+      )
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = _check_ids(ids, self.vocab_size, self.name)
+    return self._sp.decode([i for i in ids if not self._sp.is_control(i)])
+
+
+# The pre-tokenisation split of Llama 3 (the same as OpenAI's cl100k_base): runs of letters with
+# an optional leading non-letter, numbers in groups of at most 3 digits, punctuation runs,
+# newlines, and whitespace, with English contractions split off. A ranks file is only meaningful
+# with the pattern it was trained with; pass `pattern=` for one made with another.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+
+
+def read_tiktoken_ranks(path: str | epath.PathLike) -> dict[bytes, int]:
+  """A tiktoken ranks file: one `base64(token) rank` per line, ranks 0..n-1, every byte a token.
+
+  Parsed here rather than by `tiktoken.load`, which caches files under a temp directory keyed by
+  their path, so an edited file at the same path would be read stale.
+  """
+  ranks: dict[bytes, int] = {}
+  lines = _read_model_file(path).splitlines()
+  for line_no, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    parts = line.split()
+    try:
+      if len(parts) != 2:
+        raise ValueError("expected two fields")
+      token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+    except (ValueError, binascii.Error) as e:
+      raise ValueError(f"{path}:{line_no}: expected 'base64-token rank', got {line[:60]!r} ({e})")
+    if token in ranks:
+      raise ValueError(f"{path}:{line_no}: token {token!r} is listed twice")
+    ranks[token] = rank
+  if sorted(ranks.values()) != list(range(len(ranks))):
+    raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1}, each once")
+  missing = [b for b in range(256) if bytes([b]) not in ranks]
+  if missing:
+    raise ValueError(f"{path}: every single byte must be a token, missing {missing[:8]}")
+  return ranks
+
+
+class TiktokenTokenizer:
+  """Byte-level BPE from a tiktoken ranks file; BOS = n_ranks, EOS = n_ranks + 1.
+
+  For Llama 3's ranks file (128,000 ranks) these are its `<|begin_of_text|>` 128000 and
+  `<|end_of_text|>` 128001; its other reserved special ids are not part of this vocabulary.
+  Text that spells a special token is encoded as ordinary text.
+  """
+
+  name = "tiktoken"
+
+  def __init__(self, path: str | epath.PathLike, pattern: str = LLAMA3_PATTERN):
+    import tiktoken  # only this kind needs it
+
+    ranks = read_tiktoken_ranks(path)
+    self.bos_id, self.eos_id = len(ranks), len(ranks) + 1
+    self.vocab_size = len(ranks) + 2
+    self._encoding = tiktoken.Encoding(
+        name=epath.Path(path).name,
+        pat_str=pattern,
+        mergeable_ranks=ranks,
+        special_tokens={"<|begin_of_text|>": self.bos_id, "<|end_of_text|>": self.eos_id},
+    )
+
+  def encode(self, text: str) -> list[int]:
+    return self._encoding.encode_ordinary(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = _check_ids(ids, self.vocab_size, self.name)
+    return self._encoding.decode([i for i in ids if i < self.bos_id], errors="replace")
+
+
+def _read_model_file(path: str | epath.PathLike) -> bytes:
+  p = epath.Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"data.tokenizer_path: no tokenizer model file at {path}")
+  return p.read_bytes()
+
+
+def make_tokenizer(kind: str, path: str | None = None) -> Tokenizer:
+  """The tokenizer `kind` (one of TOKENIZER_KINDS); `path` is its model file (none for bytes)."""
+  if kind == "bytes":
+    if path:
+      raise ValueError(f"data.tokenizer_path: the byte tokenizer takes no model file, got {path!r}")
+    return ByteTokenizer()
+  if kind not in TOKENIZER_KINDS:
+    raise ValueError(f"data.tokenizer: must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}")
+  if not path:
+    raise ValueError(f"data.tokenizer_path: the {kind} tokenizer needs its model file")
+  if kind == "sentencepiece":
+    return SentencePieceTokenizer(path)
+  return TiktokenTokenizer(path)

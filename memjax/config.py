@@ -20,6 +20,9 @@ from omegaconf import OmegaConf
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 InitStdFactor = Literal["disabled", "current_depth", "global_depth", "dim_ratio"]
 BagImpl = Literal["auto", "xla", "cpu", "pallas_tpu", "triton"]
+Scheduler = Literal["linear", "cosine"]
+DataSource = Literal["knowledge", "tfds", "files"]
+TokenizerKind = Literal["bytes", "sentencepiece", "tiktoken"]
 
 
 class ConfigError(ValueError):
@@ -170,26 +173,74 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """The training run of `train.py`: AdamW with linear warmup and decay (spec 1.7)."""
+class DataConfig:
+  """Where the tokens come from (`memjax.data`): source -> tokenizer -> packed batches."""
 
-  steps: int = 200
-  batch_size: int = 16
-  seq_len: int = 128
-  lr: float = 3e-3  # base learning rate; the value table uses model.memory.value_lr
-  warmup: int = 30
-  lr_min_ratio: float = 0.01  # the linear decay ends at lr * lr_min_ratio
-  weight_decay: float = 0.1
-  clip: float = 1.0  # global-norm clip, applied to the value table and to the rest separately
-  data: str = ""  # glob of local text files; "" = the Markdown and Python files of this package
-  log_every: int = 20
+  source: DataSource = "knowledge"  # the embedded factual corpus, a TFDS dataset, or local files
+  people: int = 2000  # size of the knowledge corpus (fictional people, six facts each)
+  name: str = ""  # TFDS dataset name, e.g. "my_dataset:1.0.0" (source=tfds)
+  split: str = "train"
+  eval_split: str = ""  # held-out TFDS split for eval loss; "" = no eval loss (source=tfds)
+  data_dir: str = ""  # TFDS data_dir, local or gs://; "" = TFDS's default (memjax's cache for knowledge)
+  path: str = ""  # glob of text or JSONL files (source=files)
+  eval_path: str = ""  # glob of held-out files; "" = no eval loss (source=files)
+  text_key: str = "text"  # the text feature of TFDS examples and JSONL records
+  tokenizer: TokenizerKind = "bytes"  # the reference's byte ids: BOS 256, EOS 257
+  tokenizer_path: str = ""  # model file of a sentencepiece or tiktoken tokenizer
+  prefetch: int = 2  # batches prepared ahead of the step
+  seed: int | None = None  # shuffling; None = the run's seed
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "log_every"):
+    _check(self.people >= 1, "people", f"must be >= 1, got {self.people}")
+    _check(self.prefetch >= 0, "prefetch", f"must be >= 0, got {self.prefetch}")
+    if self.source == "tfds":
+      _check(bool(self.name), "name", "must name a TFDS dataset when source is 'tfds'")
+    if self.source == "files":
+      _check(bool(self.path), "path", "must be a glob of text/JSONL files when source is 'files'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training run of `train.py`: AdamW as the reference trains memory models (spec 1.7)."""
+
+  steps: int = 200
+  batch_size: int = 16  # sequences per optimizer step, over all devices and micro-batches
+  seq_len: int = 128
+  grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
+  lr: float = 3e-3  # base learning rate; the value table uses model.memory.value_lr
+  scheduler: Scheduler = "linear"  # after warmup: linear (the reference's) or cosine decay
+  warmup: int = 30
+  lr_min_ratio: float = 0.01  # the decay ends at lr * lr_min_ratio
+  weight_decay: float = 0.1
+  clip: float = 1.0  # global-norm clip, applied to the value table and to the rest separately
+  opt_state_dtype: DType = "float32"  # Adam moments; bfloat16 halves their memory
+  nan_patience: int = 5  # non-finite steps in a row (each skipped) before the run stops
+  log_every: int = 20
+  eval_every: int = 100  # eval loss, fact recall and memory diagnostics; also at the end
+  eval_batches: int = 8
+  probes: int = 512  # knowledge-probe questions scored per eval; 0 = all
+  run_dir: str = ""  # checkpoints and logs; "" = runs/<config name>
+  checkpoint_every: int = 100  # and at the end
+  keep_checkpoints: int = 3  # 0 = keep all
+  resume: bool = True  # continue from the newest checkpoint in run_dir
+  tensorboard: bool = True  # event files beside metrics.jsonl
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+                 "eval_batches", "checkpoint_every", "nan_patience"):
       _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-    _check(0 <= self.warmup <= self.steps, "warmup", f"must be in [0, steps], got {self.warmup}")
+    _check(self.keep_checkpoints >= 0, "keep_checkpoints", f"must be >= 0, got {self.keep_checkpoints}")
+    _check(
+        self.batch_size % self.grad_accum == 0,
+        "grad_accum",
+        f"must divide batch_size={self.batch_size}, got {self.grad_accum}",
+    )
+    _check(self.probes >= 0, "probes", f"must be >= 0, got {self.probes}")
+    _check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
     _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
     _check(0 <= self.lr_min_ratio <= 1, "lr_min_ratio", f"must be in [0, 1], got {self.lr_min_ratio}")
+    _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+    _check(self.clip > 0, "clip", f"must be > 0, got {self.clip}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,14 +248,20 @@ class Config:
   """Everything a run needs."""
 
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-  seed: int = 0  # parameter initialisation and data order
+  seed: int = 0  # parameter initialisation, dropout and data order
 
   def __post_init__(self):
     _check(
         self.train.seq_len <= self.model.max_seqlen,
         "train.seq_len",
         f"must be <= model.max_seqlen={self.model.max_seqlen}, got {self.train.seq_len}",
+    )
+    _check(
+        self.data.tokenizer != "bytes" or self.model.vocab_size >= 258,
+        "model.vocab_size",
+        f"must be >= 258 for the byte tokenizer, got {self.model.vocab_size}",
     )
 
 

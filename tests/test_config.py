@@ -250,3 +250,33 @@ def test_from_memjax_refuses_what_the_reference_cannot_express():
   with pytest.raises(ConfigError) as err:
     lingua.from_memjax(cfg)
   assert err.value.field == "model.memory.qk_norm"
+
+
+def test_lingua_training_keys_map():
+  cfg = config.load(lingua_path("pkplus_373m_1024k"))
+  raw = config.load_dict(lingua_path("pkplus_373m_1024k"))
+  assert cfg.train.steps == raw["steps"]
+  assert cfg.train.lr == raw["optim"]["lr"]
+  assert cfg.train.warmup == raw["optim"]["warmup"]
+  assert cfg.train.lr_min_ratio == raw["optim"]["lr_min_ratio"]
+  assert cfg.train.clip == raw["optim"]["clip"]
+  assert cfg.train.scheduler == raw["optim"]["scheduler"]
+  assert cfg.train.batch_size == raw["data"]["batch_size"]
+  assert cfg.train.checkpoint_every == raw["checkpoint"]["dump"]["every"]
+  assert cfg.train.keep_checkpoints == raw["checkpoint"]["dump"]["keep"]
+  assert cfg.data.seed == raw["seed"] and cfg.data.tokenizer == "sentencepiece"
+  debug = config.load(lingua_path("debug"), ["steps=7", "optim.lr=0.5", "grad_acc_steps=4"])
+  assert (debug.train.steps, debug.train.lr, debug.train.grad_accum) == (7, 0.5, 4)
+  assert debug.train.batch_size == 32 * 4  # Lingua's per-micro-step batch, times accumulation
+
+
+@pytest.mark.parametrize("override,field,allowed", [
+    ("optim.scheduler=wsd", "optim.scheduler", "linear, cosine"),
+    ("optim.beta2=0.99", "optim.beta2", "0.95"),
+    ("optim.lr=-1", "optim.lr", "> 0"),
+    ("data.tokenizer.name=mock", "data.tokenizer.name", "bytes, sp, tiktoken"),
+])
+def test_lingua_training_keys_refused_by_name(override, field, allowed):
+  with pytest.raises(config.ConfigError, match=allowed) as error:
+    config.load(lingua_path("debug"), [override])
+  assert error.value.field == field

@@ -61,3 +61,32 @@ def test_clipping_is_separate_for_the_table():
   for a, b in zip(dense_a, dense_b):
     np.testing.assert_allclose(a, b, rtol=1e-6)  # the table's norm does not clip the rest
   assert dense_small  # sanity: the dense group is not empty
+
+
+def test_cosine_schedule_ends_at_the_floor():
+  m = optim.lr_multiplier(steps=110, warmup=10, min_ratio=0.1, scheduler="cosine")
+  np.testing.assert_allclose([m(0), m(10), m(60), m(110)], [0, 1, 0.55, 0.1], atol=1e-6)
+
+
+def test_matches_optax_adamw_and_keeps_moments_in_the_state_dtype():
+  cfg, params = setup(warmup=0, lr=1e-2, clip=1e9)
+  grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape), params)
+  ours = optim.make_optimizer(cfg)
+  reference = optax.adamw(
+      lambda step: 1e-2 * optim.lr_multiplier(cfg.train.steps, 0, cfg.train.lr_min_ratio)(step),
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=cfg.train.weight_decay,
+  )
+  s1, s2 = ours.init(params), reference.init(params)
+  for _ in range(3):
+    u1, s1 = ours.update(grads, s1, params)
+    u2, s2 = reference.update(grads, s2, params)
+  _, dense1 = split_by_group(u1)
+  _, dense2 = split_by_group(u2)
+  for a, b in zip(dense1, dense2):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  cfg16, _ = setup(opt_state_dtype="bfloat16")
+  tx16 = optim.make_optimizer(cfg16)
+  state = tx16.init(params)
+  _, state = tx16.update(grads, state, params)
+  moments = [x for x in jax.tree.leaves(state) if x.ndim >= 1]
+  assert moments and all(x.dtype == jnp.bfloat16 for x in moments)

@@ -1,13 +1,37 @@
-"""`python train.py` end to end at smoke size."""
+"""The training program: `python train.py` end to end, resuming, the step's guards, bad input."""
 
+import dataclasses
 import importlib.util
+import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from memjax import config
+from memjax import config, generate, optim
+from memjax.training import loop, state as state_lib, step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# A small memory model and a 24-person corpus: every test run takes seconds.
+SMOKE = [
+    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.memory.layers=[1]",
+    "model.memory.n_keys=16", "model.memory.knn=4", "model.memory.heads=2",
+    "model.memory.k_dim=32", "model.max_seqlen=64", "data.people=24", "train.batch_size=8",
+    "train.seq_len=32", "train.steps=6", "train.warmup=2", "train.log_every=1",
+    "train.eval_every=3", "train.eval_batches=1", "train.probes=12", "train.checkpoint_every=3",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def smoke_config(data_dir, *overrides):
+  return config.load("tiny", [*SMOKE, f"data.data_dir={data_dir}", *overrides])
 
 
 def load_train_module():
@@ -17,18 +41,106 @@ def load_train_module():
   return module
 
 
-def test_trains_a_few_steps_and_reports_loss(capsys):
-  train = load_train_module()
-  train.main([
-      "train.steps=4", "train.warmup=1", "train.log_every=2", "train.batch_size=2",
-      "train.seq_len=32", "model.n_layers=2", "model.memory.layers=[1]",
-  ])
-  out = capsys.readouterr().out
-  losses = [float(line.split("loss ")[1].split()[0]) for line in out.splitlines() if "loss " in line]
-  assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+def logged(run_dir, key):
+  lines = (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+  return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
 
 
-def test_bad_override_names_the_field():
+def test_cli_trains_evaluates_saves_and_generates(tmp_path, data_dir, capsys):
+  run_dir = tmp_path / "run"
   train = load_train_module()
-  with pytest.raises(config.ConfigError, match="model.memory.knn"):
-    train.main(["model.memory.knn=1000"])
+  assert train.main([*SMOKE, f"data.data_dir={data_dir}", f"train.run_dir={run_dir}"]) == 0
+  out = capsys.readouterr()
+  text = out.out + out.err
+  assert "compiled train step" in text and "optimizer state" in text and "temporaries" in text
+  assert "eval loss" in text and "memory: layer1/coverage" in text
+  assert "fact recall" in text and "(chance " in text
+  assert "100%" in out.err  # the progress bar
+  losses = logged(run_dir, "train/loss")
+  assert sorted(losses) == list(range(1, 7)) and all(0 < x < 10 for x in losses.values())
+  assert set(logged(run_dir, "eval/loss")) == {3, 6}
+  assert (run_dir / "checkpoints" / "6").is_dir()
+  assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+  generate.main([str(run_dir), "--prompt", "Ada was born in", "--max-new-tokens", "6"])
+  assert capsys.readouterr().out.startswith("Ada was born in")
+
+
+def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_one_bitwise(tmp_path, data_dir):
+  cfg = smoke_config(data_dir, "train.eval_every=100")
+  loop.run(cfg, tmp_path / "whole", log=lambda _: None)
+  loop.run(cfg, tmp_path / "parts", log=lambda _: None, stop_after=4)
+  assert sorted(logged(tmp_path / "parts", "train/loss")) == [1, 2, 3, 4]
+  loop.run(cfg, tmp_path / "parts", log=lambda _: None)
+  assert logged(tmp_path / "parts", "train/loss") == logged(tmp_path / "whole", "train/loss")
+  assert logged(tmp_path / "parts", "eval/loss") == logged(tmp_path / "whole", "eval/loss")
+
+
+def test_the_step_skips_non_finite_updates_and_counts_them(data_dir):
+  cfg = smoke_config(data_dir)
+  tx = optim.make_optimizer(cfg)
+  mesh = state_lib.make_mesh()
+  state = state_lib.create_state(cfg, mesh)
+  graphdef = loop._graphdef(cfg)
+  train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx, lambda s: 0.0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (8, 33)), jnp.int32)
+  poisoned = state._replace(
+      params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params)
+  )
+  after, metrics = train_step(poisoned, tokens)
+  assert not bool(metrics["finite"])
+  assert (int(after.bad_steps), int(after.skipped), int(after.step)) == (1, 1, 1)
+  for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(poisoned.params)):
+    np.testing.assert_array_equal(a, b)
+  healthy, metrics = train_step(state, tokens)
+  assert bool(metrics["finite"]) and int(healthy.bad_steps) == 0
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dir):
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 258, (8, 33)), jnp.int32)
+  results = []
+  for accum in (1, 4):
+    cfg = smoke_config(data_dir, f"train.grad_accum={accum}")
+    state = state_lib.create_state(cfg, state_lib.make_mesh())
+    step = jax.jit(step_lib.make_train_step(cfg, loop._graphdef(cfg), optim.make_optimizer(cfg), lambda s: 0.0))
+    results.append(step(state, tokens))
+  (one, m1), (four, m4) = results
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def snapshot(directory: pathlib.Path) -> dict:
+  return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["missing_files", "empty_file", "bad_utf8", "unknown_key",
+                                  "other_shape", "unwritable"])
+def test_bad_input_gives_one_clear_error_and_overwrites_nothing(case, tmp_path, data_dir, capsys):
+  train = load_train_module()
+  run_dir = tmp_path / "run"
+  base = [*SMOKE, f"data.data_dir={data_dir}", f"train.run_dir={run_dir}", "train.steps=3"]
+  assert train.main(base) == 0  # an earlier run whose files must survive
+  before = snapshot(run_dir)
+  capsys.readouterr()
+  other = [*SMOKE, f"data.data_dir={data_dir}", f"train.run_dir={tmp_path / 'other'}"]
+  if case == "missing_files":
+    args, expected = [*other, "data.source=files", f"data.path={tmp_path}/nothing/*.txt"], "nothing"
+  elif case == "empty_file":
+    (tmp_path / "empty.txt").write_text("")
+    args, expected = [*other, "data.source=files", f"data.path={tmp_path}/empty.txt"], "empty"
+  elif case == "bad_utf8":
+    (tmp_path / "bad.txt").write_bytes(b"fine text \xff\xfe then not")
+    args, expected = [*other, "data.source=files", f"data.path={tmp_path}/bad.txt"], "bad.txt"
+  elif case == "unknown_key":
+    args, expected = [*base, "train.stpes=4"], "train.stpes: unknown key"
+  elif case == "other_shape":
+    args, expected = [*base, "model.dim=48"], "layers.0.attention.wk.kernel"
+  else:
+    (tmp_path / "a_file").write_text("")
+    args, expected = [*other[:-1], f"train.run_dir={tmp_path / 'a_file' / 'run'}"], "train.run_dir"
+  assert train.main(args) == 2
+  err = capsys.readouterr().err
+  errors = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and expected in errors[0], err
+  assert snapshot(run_dir) == before

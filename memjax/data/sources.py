@@ -149,7 +149,7 @@ def file_source(patterns: str | Sequence[str], text_key: str = "text") -> FileDo
       except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}: invalid UTF-8 at byte {e.start} (line {line})") from None
-      found = [(0, len(data))]
+      found = [(0, len(data))] if data.strip() else []  # a blank file holds no document
     file_index += [i] * len(found)
     spans += found
   if not spans:

@@ -2,10 +2,12 @@
 onto memjax's `Config`, and memjax model configs written back in that format.
 
 A Lingua config is a whole training setup: a `model` mapping (`LMTransformerArgs`, the memory in
-`model.productkey_args`, `ProductKeyArgs`) among training sections. Only the model, its init seed
-and the training length `data.seq_len` are mapped for now; the other training sections are accepted
-and left out (a later training issue maps them). Keys that would change the network and that
-memjax lacks raise `ConfigError` naming the key.
+`model.productkey_args`, `ProductKeyArgs`) among training sections. The model, the run length,
+the seeds, the optimizer and schedule (`optim`), the batch (`data.batch_size`, `data.seq_len`,
+`grad_acc_steps`), the tokenizer and checkpointing (`checkpoint.dump`) are mapped; the other
+sections (data sources, distributed and profiling settings, the eval harness) are accepted and
+left out. Keys that would change the network or the optimizer and that memjax lacks raise
+`ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ PRODUCTKEY_FIELDS = {
 # the tokenizer's): sp is the Llama-2 SentencePiece model of the paper's small models (spec 4.2,
 # 5.4); tiktoken a Llama-3-size one (128000 ranks + 256 special tokens).
 TOKENIZER_VOCAB = {"bytes": 258, "mock": 256, "sp": 32000, "tiktoken": 128256}
+TOKENIZER_KINDS = {"bytes": "bytes", "sp": "sentencepiece", "tiktoken": "tiktoken"}
+# OptimArgs: what memjax fixes (AdamW's betas and epsilon) and the schedules it has.
+OPTIM_FIXED = {"beta1": 0.9, "beta2": 0.95, "epsilon": 1e-8}
+OPTIM_KEYS = (
+    "lr", "weight_decay", "epsilon", "beta1", "beta2", "clip", "scheduler", "warmup",
+    "lr_min_ratio", "cycle_length", "cosine_theta", "annealing_step", "decay_fraction", "exp_factor",
+)
+SCHEDULERS = ("linear", "cosine")
 MODEL_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 _MEMJAX_ONLY_MODEL_KEYS = ("memory", "param_dtype", "dtype")
@@ -77,7 +87,11 @@ def to_memjax(data: dict) -> dict:
   - `distributed.model_dtype` is the compute dtype; parameters stay float32 (Lingua's FSDP master
     weights) and a memory table is bfloat16, as the reference creates and trains it (spec 1.6).
   - `seed` is `model.seed` (default 42), the seed Lingua initialises the weights from; the
-    top-level `seed` seeds the data and is not mapped yet.
+    top-level `seed` (data order) is `data.seed`.
+  - `steps`, `optim.{lr,weight_decay,clip,warmup,lr_min_ratio,scheduler}` and `checkpoint.dump.
+    {every,keep}` map by meaning; Lingua's `data.batch_size` is per data-parallel rank and micro
+    step, so memjax's `train.batch_size` (per optimizer step, all devices) becomes
+    `batch_size * grad_acc_steps` of one rank: multiply by the number of ranks you trained on.
   Overrides given with a Lingua file use Lingua's names (`model.productkey_args.mem_knn=16`).
 
   Raises:
@@ -119,7 +133,12 @@ def to_memjax(data: dict) -> dict:
   model["memory"] = memory_from_productkey_args(
       _mapping(m["productkey_args"], "model.productkey_args")
   )
-  out = {"model": model, "train": {"seq_len": model["max_seqlen"]}, "seed": m["seed"]}
+  out = {
+      "model": model,
+      "data": _data_from(data_section, data.get("seed")),
+      "train": {"seq_len": model["max_seqlen"], **_train_from(data)},
+      "seed": m["seed"],
+  }
   try:
     from_dict(Config, out)  # so errors name the Lingua key, not the memjax field it became
   except ConfigError as e:
@@ -203,6 +222,60 @@ def from_memjax(cfg: Config) -> dict:
   }
 
 
+def _train_from(data: dict) -> dict:
+  """TrainConfig fields of Lingua's training sections."""
+  train: dict[str, Any] = {}
+  if "steps" in data:
+    train["steps"] = data["steps"]
+  optim = _mapping(data.get("optim"), "optim")
+  _no_unknown(optim, OPTIM_KEYS, "optim", "OptimArgs")
+  for key, fixed in OPTIM_FIXED.items():
+    if key in optim and optim[key] != fixed:
+      raise ConfigError(f"optim.{key}", f"must be {fixed} (memjax's AdamW), got {optim[key]!r}")
+  for key in ("lr", "weight_decay", "clip", "warmup", "lr_min_ratio"):
+    if key in optim:
+      train[key] = optim[key]
+  if "scheduler" in optim:
+    if optim["scheduler"] not in SCHEDULERS:
+      raise ConfigError(
+          "optim.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {optim['scheduler']!r}"
+      )
+    train["scheduler"] = optim["scheduler"]
+  grad_acc = data.get("grad_acc_steps", 1)
+  if grad_acc != 1:
+    train["grad_accum"] = grad_acc
+  batch = _mapping(data.get("data"), "data").get("batch_size")
+  if batch is not None:
+    train["batch_size"] = batch * grad_acc if isinstance(batch, int) and isinstance(grad_acc, int) else batch
+  dump = _mapping(_mapping(data.get("checkpoint"), "checkpoint").get("dump"), "checkpoint.dump")
+  if "every" in dump:
+    train["checkpoint_every"] = dump["every"]
+  if "keep" in dump:
+    keep = dump["keep"]
+    train["keep_checkpoints"] = 0 if isinstance(keep, int) and keep < 0 else keep  # -1: all
+  freq = _mapping(data.get("logging"), "logging").get("freq")
+  if freq is not None:
+    train["log_every"] = freq
+  return train
+
+
+def _data_from(data_section: dict, seed: Any) -> dict:
+  """DataConfig fields: the tokenizer and the data-order seed."""
+  out: dict[str, Any] = {}
+  if seed is not None:
+    out["seed"] = seed
+  tokenizer = _mapping(data_section.get("tokenizer"), "data.tokenizer")
+  name = tokenizer.get("name", "bytes")
+  if name not in TOKENIZER_KINDS:
+    raise ConfigError(
+        "data.tokenizer.name", f"must be one of {', '.join(TOKENIZER_KINDS)}, got {name!r}"
+    )
+  out["tokenizer"] = TOKENIZER_KINDS[name]
+  if tokenizer.get("path"):
+    out["tokenizer_path"] = tokenizer["path"]
+  return out
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -269,4 +342,14 @@ def _lingua_field(field: str, data_section: dict) -> str:
     return f"model.productkey_args.{theirs}"
   if field in ("model.max_seqlen", "train.seq_len") and "seq_len" in data_section:
     return "data.seq_len"
+  train_fields = {
+      "train.steps": "steps", "train.lr": "optim.lr", "train.weight_decay": "optim.weight_decay",
+      "train.clip": "optim.clip", "train.warmup": "optim.warmup",
+      "train.lr_min_ratio": "optim.lr_min_ratio", "train.grad_accum": "grad_acc_steps",
+      "train.batch_size": "data.batch_size", "train.checkpoint_every": "checkpoint.dump.every",
+      "train.keep_checkpoints": "checkpoint.dump.keep", "train.log_every": "logging.freq",
+      "data.seed": "seed", "data.tokenizer_path": "data.tokenizer.path",
+  }
+  if field in train_fields:
+    return train_fields[field]
   return {"model.dtype": "distributed.model_dtype", "seed": "model.seed"}.get(field, field)

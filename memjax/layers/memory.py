@@ -123,9 +123,10 @@ class ProductKeyMemory(nnx.Module):
     b, t, d = x_BTD.shape
     x_ND = self.input_dropout(x_BTD.reshape(b * t, d))
     slots_NHK, weights_NHK = self.select(x_ND)
-    # The last call's selection, for memory diagnostics (nnx.pop(model, nnx.Intermediate));
-    # unused values cost nothing under jit.
-    self.sow(nnx.Intermediate, "selection", (slots_NHK, weights_NHK), reduce_fn=lambda _, new: new)
+    # Under nnx.capture(model, nnx.Intermediate), the selection is recorded for memory
+    # diagnostics (memjax.diagnostics); a plain call records nothing and leaves the module as is.
+    if hasattr(self, "__captures__"):
+      self.sow(nnx.Intermediate, "selection", (slots_NHK, weights_NHK), reduce_fn=lambda _, new: new)
     bag = self.heads * self.knn  # heads are summed into one bag
     read_NV = embedding_bag(
         self.values[...],

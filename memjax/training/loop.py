@@ -1,0 +1,267 @@
+"""The training program behind `train.py`: setup, the step loop, eval, checkpoints and logs.
+
+`setup` builds everything a run needs (mesh, sharded state, data iterator, checkpointer) and
+resumes from the run directory's newest checkpoint; `run` drives the jitted, ahead-of-time
+compiled step and the periodic eval, logging and saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from memjax import checkpoint as checkpoint_lib
+from memjax import optim
+from memjax.config import Config, ConfigError
+from memjax.training import evaluation, inputs as inputs_lib, step as step_lib
+from memjax.training import state as state_lib
+from memjax.training.metrics import MetricsWriter
+
+
+class NonFiniteLoss(RuntimeError):
+  """Too many non-finite steps in a row; the message says what to try."""
+
+
+@dataclasses.dataclass
+class Run:
+  cfg: Config
+  run_dir: pathlib.Path
+  mesh: jax.sharding.Mesh
+  state: state_lib.TrainState
+  inputs: inputs_lib.Inputs
+  checkpointer: checkpoint_lib.Checkpointer
+  start_step: int
+
+
+def prepare_run_dir(run_dir: pathlib.Path) -> None:
+  """Creates the directory and proves it writable, before anything is computed."""
+  try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-check-"):
+      pass
+  except OSError as error:
+    raise ConfigError(
+        "train.run_dir", f"cannot write to {run_dir} ({error.strerror or error}); choose another"
+    ) from None
+
+
+def setup(cfg: Config, run_dir: pathlib.Path, log: Callable[[str], None] = print) -> Run:
+  prepare_run_dir(run_dir)
+  mesh = state_lib.make_mesh()
+  if cfg.train.batch_size % jax.device_count():
+    raise ConfigError(
+        "train.batch_size",
+        f"must be a multiple of the {jax.device_count()} devices, got {cfg.train.batch_size}",
+    )
+  checkpointer = checkpoint_lib.Checkpointer(
+      run_dir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints
+  )
+  latest = checkpointer.latest_step()
+  data_state = None
+  if latest is not None:
+    if not cfg.train.resume:
+      checkpointer.close()
+      raise ConfigError(
+          "train.resume",
+          f"{run_dir} holds checkpoints (newest: step {latest}) and resume is off; choose "
+          "another train.run_dir or set train.resume=true (nothing was overwritten)",
+      )
+    abstract = state_lib.abstract_state(cfg, mesh)
+    try:
+      state, data_state = checkpointer.restore(latest, abstract)
+    except checkpoint_lib.CheckpointMismatch:
+      checkpointer.close()
+      raise
+    log(f"resumed from {checkpointer.directory / str(latest)}")
+  else:
+    state = state_lib.create_state(cfg, mesh)
+  inputs = inputs_lib.make_inputs(
+      cfg, shard_index=jax.process_index(), shard_count=jax.process_count()
+  )
+  if data_state is not None:
+    inputs.train.set_state(data_state)
+  return Run(cfg, run_dir, mesh, state, inputs, checkpointer, int(state.step))
+
+
+def _gib(n_bytes: int) -> str:
+  return f"{n_bytes / 2**20:,.1f} MiB" if n_bytes < 2**30 else f"{n_bytes / 2**30:,.2f} GiB"
+
+
+def compile_train_step(run: Run, train_step: Callable):
+  """Jits the step with explicit shardings and donation, compiles it ahead of time, and reports
+  per-device memory from the compiled program."""
+  shardings = state_lib.state_shardings(run.state, run.mesh)
+  batch_sharding = state_lib.batch_sharding(run.mesh)
+  jitted = jax.jit(
+      train_step,
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, state_lib.replicated(run.mesh)),
+      donate_argnums=0,
+  )
+  train = run.cfg.train
+  batch = jax.ShapeDtypeStruct((train.batch_size, train.seq_len + 1), np.int32, sharding=batch_sharding)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state, shardings
+  )
+  start = time.perf_counter()
+  compiled = jitted.lower(abstract, batch).compile()
+  params = state_lib.tree_bytes(run.state.params)
+  opt = state_lib.tree_bytes(run.state.opt_state)
+  memory = compiled.memory_analysis()
+  temps = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
+  line = f"compiled train step in {time.perf_counter() - start:.1f}s; per device: parameters {_gib(params)}, optimizer state {_gib(opt)}"
+  line += f", temporaries {_gib(temps)}" if temps is not None else ", temporaries n/a on this backend"
+  return compiled, line
+
+
+def _global_batch(run: Run, local_BT1: np.ndarray) -> jax.Array:
+  return jax.make_array_from_process_local_data(state_lib.batch_sharding(run.mesh), local_BT1)
+
+
+def evaluate(run: Run, eval_step, forward) -> dict[str, float]:
+  state, inputs, cfg = run.state, run.inputs, run.cfg
+  usage = evaluation.memory_usage_for(cfg)
+  metrics = evaluation.eval_loss(eval_step, state.params, state.other, inputs.eval_batches, usage)
+  if inputs.probes:
+    metrics.update(
+        evaluation.fact_recall(
+            lambda tokens: forward(state.params, state.other, tokens), inputs.probes,
+            inputs.tokenizer, chance=inputs.chance, max_len=cfg.model.max_seqlen,
+        )
+    )
+  if usage is not None:
+    metrics.update(usage.summary())
+  return metrics
+
+
+def _eval_lines(metrics: dict[str, float]) -> list[str]:
+  lines = []
+  if "eval/loss" in metrics:
+    lines.append(f"eval loss {metrics['eval/loss']:.4f} (perplexity {metrics['eval/perplexity']:.2f})")
+  note = evaluation.recall_chance_note(metrics)
+  if note:
+    per = ", ".join(
+        f"{k.split('/', 1)[1]} {v:.0%}" for k, v in metrics.items()
+        if k.startswith("recall/") and k not in ("recall/all", "recall/chance")
+    )
+    lines.append(f"{note}; {per}")
+  memory = sorted(k for k in metrics if k.startswith("memory/") and k.count("/") == 2)
+  if memory:
+    lines.append("memory: " + ", ".join(f"{k[len('memory/'):]} {metrics[k]:.3g}" for k in memory))
+  return lines
+
+
+def run(
+    cfg: Config, run_dir: str | pathlib.Path, log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+  """Trains `cfg` in `run_dir` (resuming when it holds checkpoints); returns the final metrics.
+
+  `stop_after` ends this invocation after that many steps with a checkpoint, as a time-limited
+  job would; running again continues where it stopped.
+  """
+  run_dir = pathlib.Path(run_dir)
+  run = setup(cfg, run_dir, log)
+  tx = optim.make_optimizer(cfg)
+  schedule = optim.lr_multiplier(cfg.train.steps, cfg.train.warmup, cfg.train.lr_min_ratio, cfg.train.scheduler)
+  graphdef = _graphdef(cfg)
+  compiled, memory_line = compile_train_step(
+      run, step_lib.make_train_step(cfg, graphdef, tx, lambda s: cfg.train.lr * schedule(s))
+  )
+  log(memory_line)
+  eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
+  forward = evaluation.make_forward(graphdef)
+  n_params = sum(x.size for x in jax.tree.leaves(run.state.params))
+  log(f"model: {n_params / 1e6:.2f}M parameters; data: {run.inputs.description}; run dir: {run_dir}")
+
+  writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard)
+  train = cfg.train
+  tokens_per_step = train.batch_size * train.seq_len
+  final: dict[str, Any] = {}
+  try:
+    pending = []
+    timer = time.perf_counter()
+    timed_steps = 0
+    interactive = sys.stderr.isatty()
+    with tqdm(
+        total=train.steps, initial=run.start_step, unit="step", dynamic_ncols=True,
+        mininterval=0.5 if interactive else 30.0,
+    ) as bar:
+      last = train.steps if stop_after is None else min(train.steps, run.start_step + stop_after)
+      for step in range(run.start_step + 1, last + 1):
+        batch = _global_batch(run, next(run.inputs.train))
+        run.state, metrics = compiled(run.state, batch)
+        pending.append(metrics)
+        timed_steps += 1
+        bar.update(1)
+        if step % train.log_every == 0 or step == train.steps:
+          values = jax.device_get(pending)
+          pending = []
+          rate = timed_steps * tokens_per_step / (time.perf_counter() - timer)
+          timer, timed_steps = time.perf_counter(), 0
+          finite = [v for v in values if v["finite"]]
+          logged = {
+              "train/loss": float(np.mean([v["loss"] for v in finite])) if finite else math.nan,
+              "train/lr": float(values[-1]["lr"]),
+              "train/grad_norm_dense": float(values[-1]["grad_norm/dense"]),
+              "train/grad_norm_values": float(values[-1]["grad_norm/values"]),
+              "train/tokens_per_s": rate,
+              "train/skipped_steps": int(run.state.skipped),
+          }
+          writer.write(step, logged)
+          bar.set_postfix(loss=f"{logged['train/loss']:.3f}", tok_s=f"{rate:,.0f}")
+          if not interactive:  # a log file gets a line per log_every; a terminal has the bar
+            bar.write(f"step {step}: loss {logged['train/loss']:.4f} ({rate:,.0f} tokens/s)")
+        if int(run.state.bad_steps) >= train.nan_patience:
+          raise NonFiniteLoss(
+              f"{train.nan_patience} steps in a row had a non-finite loss or gradient (step "
+              f"{step}); their updates were skipped. Lower train.lr, raise train.warmup, or use "
+              "float32 compute (model.dtype=float32). The last checkpoint is kept."
+          )
+        if step % train.eval_every == 0 or step == train.steps:
+          final = evaluate(run, eval_step, forward)
+          writer.write(step, final)
+          for line in _eval_lines(final):
+            bar.write(f"step {step}: {line}")
+        run.checkpointer.save(
+            step, run.state, run.inputs.train.get_state(), cfg, force=step == last
+        )
+    if run.start_step >= train.steps:
+      log(f"{run_dir} already holds the final step {train.steps}; evaluating it")
+      final = evaluate(run, eval_step, forward)
+      for line in _eval_lines(final):
+        log(line)
+  finally:
+    run.checkpointer.wait_until_finished()
+    run.checkpointer.close()
+    writer.close()
+    if hasattr(run.inputs.train, "close"):
+      run.inputs.train.close()  # stops the prefetch thread
+  log(
+      f"done: step {int(run.state.step)} of {train.steps}; checkpoints in {run.checkpointer.directory}, metrics in "
+      f"{writer.path}" + (f", TensorBoard in {run_dir / 'tensorboard'}" if train.tensorboard else "")
+  )
+  return final
+
+
+def _graphdef(cfg: Config):
+  from flax import nnx
+
+  from memjax.model import Transformer
+
+  abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
+  return state_lib.split_model(abstract)[0]
+
+
+def default_run_dir(config_name: str) -> pathlib.Path:
+  return pathlib.Path(os.environ.get("MEMJAX_RUNS", "runs")) / pathlib.Path(config_name).stem

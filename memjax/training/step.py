@@ -1,0 +1,93 @@
+"""The pure train and eval steps: functions of (state, batch), jitted once by the loop.
+
+Batches are int32 (B, T + 1) token windows: inputs are [:, :-1], next-token targets [:, 1:].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from memjax.config import Config
+from memjax.model import cross_entropy
+from memjax.optim import param_group
+from memjax.training.state import TrainState
+
+
+def _loss(graphdef, params, other, tokens_BT1):
+  model = nnx.merge(graphdef, params, other)
+  loss = cross_entropy(model(tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
+  _, _, other = nnx.split(model, nnx.Param, ...)  # dropout RNG counters advanced
+  return loss, other
+
+
+def _group_norms(grads) -> dict[str, jax.Array]:
+  """Global gradient norm of the dense parameters and of the value table, before clipping."""
+  squares = {"dense": jnp.float32(0), "values": jnp.float32(0)}
+  leaves = jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  for variable in leaves:
+    g = variable[...] if isinstance(variable, nnx.Variable) else variable
+    group = param_group(variable) if isinstance(variable, nnx.Variable) else "dense"
+    squares[group] += jnp.sum(jnp.square(g.astype(jnp.float32)))
+  return {f"grad_norm/{k}": jnp.sqrt(v) for k, v in squares.items()}
+
+
+def make_train_step(
+    cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: Callable
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+  """train_step(state, tokens_BT1) -> (state, metrics), with gradient accumulation over
+  `train.grad_accum` micro-batches and a guard that skips a step whose loss or gradients are not
+  finite (parameters and optimizer state unchanged; counted)."""
+  accum = cfg.train.grad_accum
+  grad_fn = jax.value_and_grad(lambda p, o, t: _loss(graphdef, p, o, t), has_aux=True)
+
+  def train_step(state: TrainState, tokens_BT1: jax.Array) -> tuple[TrainState, dict]:
+    micro_ABT1 = tokens_BT1.reshape(accum, -1, tokens_BT1.shape[-1])
+
+    def micro_step(carry, tokens):
+      other, grad_sum, loss_sum = carry
+      (loss, other), grads = grad_fn(state.params, other, tokens)
+      grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+      return (other, grad_sum, loss_sum + loss), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (other, grad_sum, loss_sum), _ = jax.lax.scan(
+        micro_step, (state.other, zeros, jnp.float32(0)), micro_ABT1
+    )
+    grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
+    loss = loss_sum / accum
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        other=keep(other, state.other),
+        opt_state=keep(opt_state, state.opt_state),
+        bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {"loss": loss, "finite": finite, "lr": schedule(state.step), **_group_norms(grads)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(cfg: Config, graphdef: nnx.GraphDef) -> Callable:
+  """eval_step(params, other, tokens_BT1) -> (summed token loss, token count, selections)."""
+  del cfg
+
+  def eval_step(params, other, tokens_BT1):
+    model = nnx.view(nnx.merge(graphdef, params, other), deterministic=True, raise_if_not_found=False)
+    logits, selections = nnx.capture(model, nnx.Intermediate)(tokens_BT1[:, :-1])
+    n_tokens = tokens_BT1[:, 1:].size
+    return cross_entropy(logits, tokens_BT1[:, 1:]) * n_tokens, n_tokens, selections
+
+  return eval_step

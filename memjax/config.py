@@ -258,11 +258,6 @@ class Config:
         "train.seq_len",
         f"must be <= model.max_seqlen={self.model.max_seqlen}, got {self.train.seq_len}",
     )
-    _check(
-        self.data.tokenizer != "bytes" or self.model.vocab_size >= 258,
-        "model.vocab_size",
-        f"must be >= 258 for the byte tokenizer, got {self.model.vocab_size}",
-    )
 
 
 # ----------------------------------------------------------------------------------------------

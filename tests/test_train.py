@@ -144,3 +144,11 @@ def test_bad_input_gives_one_clear_error_and_overwrites_nothing(case, tmp_path, 
   errors = [line for line in err.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and expected in errors[0], err
   assert snapshot(run_dir) == before
+
+
+def test_bfloat16_compute_trains(tmp_path, data_dir):
+  cfg = smoke_config(data_dir, "model.dtype=bfloat16", "train.steps=3", "train.eval_every=3")
+  final = loop.run(cfg, tmp_path / "bf16", log=lambda _: None)
+  losses = logged(tmp_path / "bf16", "train/loss")
+  assert len(losses) == 3 and all(np.isfinite(x) and 0 < x < 10 for x in losses.values())
+  assert np.isfinite(final["eval/loss"]) and "recall/all" in final

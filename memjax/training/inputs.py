@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 
 from memjax import data
-from memjax.config import Config
+from memjax.config import Config, ConfigError
 
 # The knowledge corpus's people are drawn from this seed whatever the run's seed: runs with
 # different seeds learn the same facts.
@@ -60,6 +60,12 @@ def _spread(items: list, n: int) -> list:
 def make_inputs(cfg: Config, shard_index: int = 0, shard_count: int = 1) -> Inputs:
   d, train = cfg.data, cfg.train
   tokenizer = data.make_tokenizer(d.tokenizer, d.tokenizer_path or None)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(
+        "model.vocab_size",
+        f"must be >= the {tokenizer.name} tokenizer's {tokenizer.vocab_size} ids, got "
+        f"{cfg.model.vocab_size}",
+    )
   local_batch = train.batch_size // shard_count
   seed = cfg.seed if d.seed is None else d.seed
   probes: list[data.Probe] = []

@@ -188,6 +188,8 @@ def run(
   train = cfg.train
   tokens_per_step = train.batch_size * train.seq_len
   final: dict[str, Any] = {}
+  last_loss = math.nan
+  started = time.perf_counter()
   try:
     pending = []
     timer = time.perf_counter()
@@ -219,6 +221,7 @@ def run(
               "train/skipped_steps": int(run.state.skipped),
           }
           writer.write(step, logged)
+          last_loss = logged["train/loss"]
           bar.set_postfix(loss=f"{logged['train/loss']:.3f}", tok_s=f"{rate:,.0f}")
           if not interactive:  # a log file gets a line per log_every; a terminal has the bar
             bar.write(f"step {step}: loss {logged['train/loss']:.4f} ({rate:,.0f} tokens/s)")
@@ -247,6 +250,13 @@ def run(
     writer.close()
     if hasattr(run.inputs.train, "close"):
       run.inputs.train.close()  # stops the prefetch thread
+  steps_run = int(run.state.step) - run.start_step
+  summary = [f"{steps_run} steps in {time.perf_counter() - started:.0f}s", f"train loss {last_loss:.4f}"]
+  if "eval/loss" in final:
+    summary.append(f"eval loss {final['eval/loss']:.4f}")
+  if "recall/all" in final:
+    summary.append(evaluation.recall_chance_note(final))
+  log("summary: " + "; ".join(summary))
   log(
       f"done: step {int(run.state.step)} of {train.steps}; checkpoints in {run.checkpointer.directory}, metrics in "
       f"{writer.path}" + (f", TensorBoard in {run_dir / 'tensorboard'}" if train.tensorboard else "")

@@ -281,29 +281,42 @@ class RowGroups {
   std::vector<int64_t> offsets_, pairs_;
 };
 
-ffi::Error CheckBag(const Table& table, const ffi::Buffer<ffi::S32>& idx,
-                    const ffi::Buffer<ffi::F32>& w) {
-  const auto idx_dims = idx.dimensions();
-  const auto w_dims = w.dimensions();
-  if (idx_dims.size() != 2 || w_dims.size() != 2 || idx_dims[0] != w_dims[0] ||
-      idx_dims[1] != w_dims[1]) {
-    return ffi::Error::InvalidArgument("memjax lookup: indices and weights must be (N, K)");
+// The inputs every bag handler reads, checked: table, ids and weights (N, K).
+struct BagInputs {
+  Table table;
+  int64_t tokens, bag, dim;
+  const int32_t* ids;
+  const float* weights;
+
+  static ffi::ErrorOr<BagInputs> From(const ffi::AnyBuffer& values,
+                                      const ffi::Buffer<ffi::S32>& idx,
+                                      const ffi::Buffer<ffi::F32>& w) {
+    auto table = Table::From(values);
+    if (table.has_error()) return ffi::Unexpected(std::move(table.error()));
+    const auto idx_dims = idx.dimensions();
+    const auto w_dims = w.dimensions();
+    if (idx_dims.size() != 2 || w_dims.size() != 2 || idx_dims[0] != w_dims[0] ||
+        idx_dims[1] != w_dims[1]) {
+      return ffi::Unexpected(
+          ffi::Error::InvalidArgument("memjax lookup: indices and weights must be (N, K)"));
+    }
+    if (table->rows == 0 && idx.element_count() > 0) {
+      return ffi::Unexpected(ffi::Error::InvalidArgument("memjax lookup: empty table"));
+    }
+    return BagInputs{*table, idx_dims[0], idx_dims[1], table->dim, idx.typed_data(),
+                     w.typed_data()};
   }
-  if (table.rows == 0 && idx.element_count() > 0) {
-    return ffi::Error::InvalidArgument("memjax lookup: empty table");
-  }
-  return ffi::Error::Success();
-}
+};
 
 ffi::Error BagForward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> idx,
                       ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
-  auto table_or = Table::From(values);
-  if (table_or.has_error()) return table_or.error();
-  const Table table = table_or.value();
-  if (auto error = CheckBag(table, idx, w); error.failure()) return error;
-  const int64_t tokens = idx.dimensions()[0], bag = idx.dimensions()[1], dim = table.dim;
-  const int32_t* ids = idx.typed_data();
-  const float* weights = w.typed_data();
+  auto inputs = BagInputs::From(values, idx, w);
+  if (inputs.has_error()) return inputs.error();
+  // Plain locals, not a structured binding: lambdas may not capture those before C++20.
+  const Table& table = inputs->table;
+  const int64_t tokens = inputs->tokens, bag = inputs->bag, dim = inputs->dim;
+  const int32_t* ids = inputs->ids;
+  const float* weights = inputs->weights;
   float* result = out->typed_data();
   if (tokens * bag * 4 < table.rows) {
     // Few reads of a large table (decoding, say): gather each token's rows directly.
@@ -346,13 +359,13 @@ ffi::Error BagForward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<f
 ffi::Error BagBackward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> idx,
                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dout,
                        ffi::ResultBuffer<ffi::F32> dvalues, ffi::ResultBuffer<ffi::F32> dw) {
-  auto table_or = Table::From(values);
-  if (table_or.has_error()) return table_or.error();
-  const Table table = table_or.value();
-  if (auto error = CheckBag(table, idx, w); error.failure()) return error;
-  const int64_t tokens = idx.dimensions()[0], bag = idx.dimensions()[1], dim = table.dim;
-  const int32_t* ids = idx.typed_data();
-  const float* weights = w.typed_data();
+  auto inputs = BagInputs::From(values, idx, w);
+  if (inputs.has_error()) return inputs.error();
+  // Plain locals, not a structured binding: lambdas may not capture those before C++20.
+  const Table& table = inputs->table;
+  const int64_t tokens = inputs->tokens, bag = inputs->bag, dim = inputs->dim;
+  const int32_t* ids = inputs->ids;
+  const float* weights = inputs->weights;
   const float* grad = dout.typed_data();
   float* dtable = dvalues->typed_data();
   float* dweights = dw->typed_data();

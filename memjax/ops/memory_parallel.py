@@ -1,0 +1,74 @@
+"""The memory-parallel lookup: the value table's columns split over a mesh axis (spec section 3).
+
+Within a memory group (the devices along `memory_axis`) each device holds V/M columns of every
+row, and its own tokens. A lookup all-gathers the group's indices and weights (N x K each: small
+next to the table), sums its column slice of the selected rows for all of the group's tokens, and
+sends every token its full row back with one all-to-all:
+
+    idx_NK, w_NK --all_gather--> (M*N, K) --bag on V/M columns--> (M*N, V/M) --all_to_all--> (N, V)
+
+The backward is the transpose: the weight gradients are reduce-scattered back to their tokens,
+and each device's table gradient is the gradient of its own slice. Nothing table-sized crosses a
+device except the data-parallel sum of that slice's gradient over the axes that split the tokens
+but not the table.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from memjax.ops.embedding_bag import embedding_bag
+
+
+def memory_parallel_bag(
+    values_SC: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, *, memory_axis: str,
+    impl: str = "auto",
+) -> jax.Array:
+  """Call inside `shard_map`: this device's column slice (S, C = V/M) and tokens (N, K) ->
+  the tokens' full bags (N, V), columns in the order of the devices along `memory_axis`."""
+  if jax.lax.axis_size(memory_axis) == 1:
+    return embedding_bag(values_SC, idx_NK, w_NK, impl=impl)
+  idx_GK = jax.lax.all_gather(idx_NK, memory_axis, tiled=True)  # G = M * N: the group's tokens
+  w_GK = jax.lax.all_gather(w_NK, memory_axis, tiled=True)
+  read_GC = embedding_bag(values_SC, idx_GK, w_GK, impl=impl)
+  return jax.lax.all_to_all(read_GC, memory_axis, split_axis=0, concat_axis=1, tiled=True)
+
+
+def sharded_embedding_bag(
+    values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, *, mesh: jax.sharding.Mesh,
+    token_axes: Sequence[str], memory_axis: str, impl: str = "auto",
+) -> jax.Array:
+  """`embedding_bag` over `mesh`: tokens split over `token_axes`, which include `memory_axis`
+  (the devices of a memory group read different tokens, as the reference's memory-parallel ranks
+  are also data-parallel ranks), and the table's columns over `memory_axis`. Same result and
+  gradients as the unsharded op."""
+  if memory_axis not in token_axes:
+    raise ValueError(
+        f"token_axes {tuple(token_axes)} must include the memory axis {memory_axis!r}: the "
+        "devices of a memory group read different tokens"
+    )
+  m = mesh.shape[memory_axis]
+  if values_SV.shape[1] % m:
+    raise ValueError(
+        f"the value dim {values_SV.shape[1]} must be divisible by the {memory_axis!r} mesh axis "
+        f"({m} devices) that splits the table's columns"
+    )
+  tokens = 1
+  for axis in token_axes:
+    tokens *= mesh.shape[axis]
+  if idx_NK.shape[0] % tokens:
+    raise ValueError(
+        f"{idx_NK.shape[0]} tokens do not split evenly over mesh axes {tuple(token_axes)} "
+        f"({tokens} devices)"
+    )
+  token_spec = P(tuple(token_axes))
+  lookup = jax.shard_map(
+      lambda v, i, w: memory_parallel_bag(v, i, w, memory_axis=memory_axis, impl=impl),
+      mesh=mesh,
+      in_specs=(P(None, memory_axis), token_spec, token_spec),
+      out_specs=token_spec,
+  )
+  return lookup(values_SV, idx_NK, w_NK)

@@ -173,6 +173,26 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh (`memjax.sharding`): axis sizes, -1 = the devices the others leave."""
+
+  data: int = -1  # pure data parallelism: the batch is split, everything else replicated
+  fsdp: int = 1  # the batch is split and the dense parameters are sharded
+  memory: int = 1  # the batch is split and the value table's columns are sharded
+  table_rows_over_fsdp: bool = False  # also shard the table's rows over fsdp (gathered at use)
+
+  def __post_init__(self):
+    sizes = {"data": self.data, "fsdp": self.fsdp, "memory": self.memory}
+    for name, size in sizes.items():
+      _check(size == -1 or size >= 1, name, f"must be >= 1 or -1 (fill), got {size}")
+    _check(
+        sum(size == -1 for size in sizes.values()) <= 1,
+        "data",
+        f"at most one axis may be -1 (fill), got {sizes}",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where the tokens come from (`memjax.data`): source -> tokenizer -> packed batches."""
 
@@ -248,11 +268,18 @@ class Config:
   """Everything a run needs."""
 
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   seed: int = 0  # parameter initialisation, dropout and data order
 
   def __post_init__(self):
+    _check(
+        self.mesh.memory == 1 or self.model.value_dim % self.mesh.memory == 0,
+        "mesh.memory",
+        f"must divide the value dim {self.model.value_dim} (the table's columns are split over "
+        f"it), got {self.mesh.memory}",
+    )
     _check(
         self.train.seq_len <= self.model.max_seqlen,
         "train.seq_len",

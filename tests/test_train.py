@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax import config, generate, optim
+from memjax import config, generate, optim, sharding
 from memjax.training import loop, state as state_lib, step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_one_bitwise(tmp_pat
 def test_the_step_skips_non_finite_updates_and_counts_them(data_dir):
   cfg = smoke_config(data_dir)
   tx = optim.make_optimizer(cfg)
-  mesh = state_lib.make_mesh()
+  mesh = sharding.make_mesh(cfg.mesh)
   state = state_lib.create_state(cfg, mesh)
   graphdef = loop._graphdef(cfg)
   train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx, lambda s: 0.0))
@@ -101,7 +101,7 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir):
   results = []
   for accum in (1, 4):
     cfg = smoke_config(data_dir, f"train.grad_accum={accum}")
-    state = state_lib.create_state(cfg, state_lib.make_mesh())
+    state = state_lib.create_state(cfg, sharding.make_mesh(cfg.mesh))
     step = jax.jit(step_lib.make_train_step(cfg, loop._graphdef(cfg), optim.make_optimizer(cfg), lambda s: 0.0))
     results.append(step(state, tokens))
   (one, m1), (four, m4) = results

@@ -14,6 +14,7 @@ from memjax.config import ModelConfig
 from memjax.layers import init
 from memjax.layers.norms import rms_normalise
 from memjax.ops import embedding_bag, product_topk
+from memjax.ops.memory_parallel import sharded_embedding_bag
 
 
 class MemoryValues(nnx.Param):
@@ -119,6 +120,17 @@ class ProductKeyMemory(nnx.Module):
     shape = (n, self.heads, self.knn)
     return slots_RK.reshape(shape), weights_RK.reshape(shape)
 
+  def _read(self, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
+    """The bag, split over the mesh's `memory` axis when the current mesh has one (the table's
+    columns sharded; `memjax.ops.memory_parallel`), else one op over the whole table."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and dict(mesh.shape).get("memory", 1) > 1:
+      return sharded_embedding_bag(
+          self.values[...], idx_NK, w_NK, mesh=mesh, token_axes=mesh.axis_names,
+          memory_axis="memory", impl=self.impl,
+      )
+    return embedding_bag(self.values[...], idx_NK, w_NK, impl=self.impl)
+
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     b, t, d = x_BTD.shape
     x_ND = self.input_dropout(x_BTD.reshape(b * t, d))
@@ -128,12 +140,7 @@ class ProductKeyMemory(nnx.Module):
     if hasattr(self, "__captures__"):
       self.sow(nnx.Intermediate, "selection", (slots_NHK, weights_NHK), reduce_fn=lambda _, new: new)
     bag = self.heads * self.knn  # heads are summed into one bag
-    read_NV = embedding_bag(
-        self.values[...],
-        slots_NHK.reshape(b * t, bag),
-        weights_NHK.reshape(b * t, bag),
-        impl=self.impl,
-    )
+    read_NV = self._read(slots_NHK.reshape(b * t, bag), weights_NHK.reshape(b * t, bag))
     if self.swilu_projection is not None:
       out_ND = self.value_proj(read_NV * jax.nn.silu(self.swilu_projection(x_ND)))
     elif self.value_proj is not None:

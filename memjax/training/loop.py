@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from memjax import checkpoint as checkpoint_lib
-from memjax import optim
+from memjax import optim, sharding
 from memjax.config import Config, ConfigError
 from memjax.training import evaluation, inputs as inputs_lib, step as step_lib
 from memjax.training import state as state_lib
@@ -55,13 +55,15 @@ def prepare_run_dir(run_dir: pathlib.Path) -> None:
     ) from None
 
 
-def setup(cfg: Config, run_dir: pathlib.Path, log: Callable[[str], None] = print) -> Run:
+def setup(
+    cfg: Config, run_dir: pathlib.Path, mesh: jax.sharding.Mesh, log: Callable[[str], None] = print
+) -> Run:
   prepare_run_dir(run_dir)
-  mesh = state_lib.make_mesh()
-  if cfg.train.batch_size % jax.device_count():
+  if cfg.train.batch_size % (jax.device_count() * cfg.train.grad_accum):
     raise ConfigError(
         "train.batch_size",
-        f"must be a multiple of the {jax.device_count()} devices, got {cfg.train.batch_size}",
+        f"must be a multiple of the {jax.device_count()} devices times train.grad_accum="
+        f"{cfg.train.grad_accum}, got {cfg.train.batch_size}",
     )
   checkpointer = checkpoint_lib.Checkpointer(
       run_dir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints
@@ -100,12 +102,12 @@ def _gib(n_bytes: int) -> str:
 def compile_train_step(run: Run, train_step: Callable):
   """Jits the step with explicit shardings and donation, compiles it ahead of time, and reports
   per-device memory from the compiled program."""
-  shardings = state_lib.state_shardings(run.state, run.mesh)
-  batch_sharding = state_lib.batch_sharding(run.mesh)
+  shardings = state_lib.state_shardings(run.cfg, run.mesh)
+  batch_sharding = sharding.batch_sharding(run.mesh)
   jitted = jax.jit(
       train_step,
       in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, state_lib.replicated(run.mesh)),
+      out_shardings=(shardings, sharding.replicated(run.mesh)),
       donate_argnums=0,
   )
   train = run.cfg.train
@@ -115,8 +117,8 @@ def compile_train_step(run: Run, train_step: Callable):
   )
   start = time.perf_counter()
   compiled = jitted.lower(abstract, batch).compile()
-  params = state_lib.tree_bytes(run.state.params)
-  opt = state_lib.tree_bytes(run.state.opt_state)
+  params = state_lib.tree_bytes_per_device(run.state.params)
+  opt = state_lib.tree_bytes_per_device(run.state.opt_state)
   memory = compiled.memory_analysis()
   temps = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
   line = f"compiled train step in {time.perf_counter() - start:.1f}s; per device: parameters {_gib(params)}, optimizer state {_gib(opt)}"
@@ -125,7 +127,7 @@ def compile_train_step(run: Run, train_step: Callable):
 
 
 def _global_batch(run: Run, local_BT1: np.ndarray) -> jax.Array:
-  return jax.make_array_from_process_local_data(state_lib.batch_sharding(run.mesh), local_BT1)
+  return jax.make_array_from_process_local_data(sharding.batch_sharding(run.mesh), local_BT1)
 
 
 def evaluate(run: Run, eval_step, forward) -> dict[str, float]:
@@ -171,7 +173,16 @@ def run(
   job would; running again continues where it stopped.
   """
   run_dir = pathlib.Path(run_dir)
-  run = setup(cfg, run_dir, log)
+  mesh = sharding.make_mesh(cfg.mesh)
+  with jax.set_mesh(mesh):  # the memory layers read it to split the lookup over `memory`
+    return _run(cfg, run_dir, mesh, log, stop_after)
+
+
+def _run(
+    cfg: Config, run_dir: pathlib.Path, mesh: jax.sharding.Mesh, log: Callable[[str], None],
+    stop_after: int | None,
+) -> dict[str, Any]:
+  run = setup(cfg, run_dir, mesh, log)
   tx = optim.make_optimizer(cfg)
   schedule = optim.lr_multiplier(cfg.train.steps, cfg.train.warmup, cfg.train.lr_min_ratio, cfg.train.scheduler)
   graphdef = _graphdef(cfg)

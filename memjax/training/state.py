@@ -1,9 +1,4 @@
-"""The train state, the device mesh, and creating the state already placed on the mesh.
-
-The mesh is data-parallel over every device: each batch is split over the `data` axis and the
-state is replicated. (Sharding the value table and the dense parameters belongs to the sharding
-layer; this module only needs one place that says where the state lives.)
-"""
+"""The train state, its shardings on the mesh (`memjax.sharding`), and creating it in place."""
 
 from __future__ import annotations
 
@@ -11,12 +6,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from memjax import optim
-from memjax.config import Config
+from memjax import optim, sharding
+from memjax.config import Config, MeshConfig
 from memjax.model import Transformer
 
 
@@ -27,20 +22,6 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
   bad_steps: jax.Array  # int32: non-finite steps in a row
   skipped: jax.Array  # int32: non-finite steps in all
-
-
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh(
-      (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-  )
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
-
-
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
 
 
 def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -55,28 +36,45 @@ def new_state(cfg: Config, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(zero, params, other, tx.init(params), zero, zero)
 
 
-def state_shardings(abstract: TrainState, mesh: jax.sharding.Mesh) -> Any:
-  return jax.tree.map(lambda _: replicated(mesh), abstract)
+def state_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> TrainState:
+  """A sharding for every array of the state, by the rules of `memjax.sharding`."""
+  tx = optim.make_optimizer(cfg)
+  abstract = jax.eval_shape(lambda: new_state(cfg, tx))
+  params = sharding.param_shardings(abstract.params, mesh, cfg.mesh)
+  replicated = sharding.replicated(mesh)
+  return TrainState(
+      step=replicated,
+      params=params,
+      other=jax.tree.map(lambda _: replicated, abstract.other),
+      opt_state=sharding.opt_state_shardings(abstract.opt_state, params, mesh),
+      bad_steps=replicated,
+      skipped=replicated,
+  )
 
 
 def abstract_state(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> TrainState:
-  """Shapes, dtypes and (given a mesh) shardings of the state, with nothing allocated."""
+  """Shapes, dtypes and shardings of the state, with nothing allocated (one device by default)."""
   tx = optim.make_optimizer(cfg)
   abstract = jax.eval_shape(lambda: new_state(cfg, tx))
   if mesh is None:
-    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
-  shardings = state_shardings(abstract, mesh)
+    mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, state_shardings(cfg, mesh),
   )
 
 
 def create_state(cfg: Config, mesh: jax.sharding.Mesh) -> TrainState:
-  """The initial state, created by a jitted function straight into its shardings."""
+  """The initial state, created by a jitted function straight into its shardings: no device
+  ever holds more than its shards."""
   tx = optim.make_optimizer(cfg)
-  shardings = state_shardings(jax.eval_shape(lambda: new_state(cfg, tx)), mesh)
-  return jax.jit(lambda: new_state(cfg, tx), out_shardings=shardings)()
+  return jax.jit(lambda: new_state(cfg, tx), out_shardings=state_shardings(cfg, mesh))()
 
 
-def tree_bytes(tree) -> int:
-  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+def tree_bytes_per_device(tree) -> int:
+  """Bytes one device holds of the arrays (or sharded ShapeDtypeStructs) of `tree`."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    total += int(np.prod(shard)) * jnp.dtype(x.dtype).itemsize
+  return total

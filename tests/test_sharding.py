@@ -1,0 +1,99 @@
+"""memjax.sharding: the tiny memory model on 8 CPU devices, split every way the mesh allows,
+computes what one device computes; the state lives where the rules say."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memjax import config, optim, sharding
+from memjax.training import loop, state as state_lib, step as step_lib
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 1, 4), (1, 2, 4), (1, 1, 8)]  # (data, fsdp, memory)
+MODEL = [
+    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.memory.layers=[1]",
+    "model.memory.n_keys=16", "model.memory.knn=4", "model.memory.heads=2",
+    "model.memory.k_dim=32", "model.max_seqlen=64", "train.batch_size=8", "train.seq_len=16",
+    "train.warmup=1",
+    # Adam divides each gradient by its own RMS: a coordinate whose gradient is near eps turns
+    # the reordered sums of a sharded run (1e-7 relative) into update differences up to lr. A
+    # small learning rate keeps those below the 1e-5 tolerance; the test is of placement, not of
+    # Adam's conditioning.
+    "train.lr=1e-4", "model.memory.value_lr=1e-4",
+]
+
+
+def cfg_for(shape, *extra):
+  data, fsdp, memory = shape
+  return config.load("tiny", [*MODEL, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.memory={memory}", *extra])
+
+
+def tokens(step):
+  return jnp.asarray(np.random.default_rng(step).integers(0, 258, (8, 17)), jnp.int32)
+
+
+def run_steps(cfg, devices, n_steps):
+  """Loss and gradients at the initial state, and the parameters after n_steps."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  with jax.set_mesh(mesh):
+    state = state_lib.create_state(cfg, mesh)
+    graphdef = loop._graphdef(cfg)
+    grad_fn = jax.jit(jax.value_and_grad(
+        lambda p, o, t: step_lib._loss(graphdef, p, o, t)[0]
+    ))
+    place = lambda t: jax.device_put(t, sharding.batch_sharding(mesh))
+    loss, grads = grad_fn(state.params, state.other, place(tokens(0)))
+    shardings = state_lib.state_shardings(cfg, mesh)
+    train_step = jax.jit(
+        step_lib.make_train_step(cfg, graphdef, optim.make_optimizer(cfg), lambda s: 0.0),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+    )
+    for step in range(n_steps):
+      state, _ = train_step(state, place(tokens(step)))
+    return jax.device_get((loss, grads, state.params)), state
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  return run_steps(cfg_for((1, 1, 1)), jax.devices()[:1], 5)[0]
+
+
+def assert_close(actual, expected, what):
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.abs(b).max(), 1e-30)
+    assert np.abs(a - b).max() <= 1e-5 * scale, f"{what} {jax.tree_util.keystr(path)}"
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_every_mesh_computes_what_one_device_computes(shape, single_device):
+  (loss, grads, params), state = run_steps(cfg_for(shape), jax.devices(), 5)
+  want_loss, want_grads, want_params = single_device
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  assert_close(grads, want_grads, "gradient")
+  assert_close(params, want_params, "parameter after 5 steps")
+  data, fsdp, memory = shape
+  table = state.params["layers"][1]["feed_forward"]["values"][...]
+  assert table.addressable_shards[0].data.shape == (256, 32 // memory)
+
+
+def test_table_rows_over_fsdp_divide_the_table_again():
+  cfg = cfg_for((1, 2, 4), "mesh.table_rows_over_fsdp=true")
+  mesh = sharding.make_mesh(cfg.mesh)
+  abstract = state_lib.abstract_state(cfg, mesh)
+  table = abstract.params["layers"][1]["feed_forward"]["values"].get_value()
+  assert table.sharding.shard_shape(table.shape) == (128, 8)
+  assert state_lib.tree_bytes_per_device(abstract.params) < state_lib.tree_bytes_per_device(
+      state_lib.abstract_state(cfg_for((8, 1, 1)), sharding.make_mesh(cfg_for((8, 1, 1)).mesh)).params
+  )
+
+
+@pytest.mark.parametrize("mesh,message", [
+    (["mesh.data=3"], "must equal the 8 devices"),
+    (["mesh.fsdp=3"], "must divide the 8 devices"),
+    (["mesh.memory=3"], "must divide the value dim 32"),
+])
+def test_bad_meshes_fail_clearly(mesh, message):
+  with pytest.raises(config.ConfigError, match=message):
+    sharding.make_mesh(config.load("tiny", [*MODEL, *mesh]).mesh)

@@ -34,7 +34,7 @@ def run_steps(cfg, devices, n_steps):
   mesh = sharding.make_mesh(cfg.mesh, devices)
   with jax.set_mesh(mesh):
     state = state_lib.create_state(cfg, mesh)
-    graphdef = loop._graphdef(cfg)
+    graphdef = state_lib.model_graphdef(cfg)
     grad_fn = jax.jit(jax.value_and_grad(
         lambda p, o, t: step_lib._loss(graphdef, p, o, t)[0]
     ))
@@ -109,7 +109,7 @@ def test_no_collective_moves_the_whole_table_or_its_gradient():
   with jax.set_mesh(mesh):
     shardings = state_lib.state_shardings(cfg, mesh)
     train_step = jax.jit(
-        step_lib.make_train_step(cfg, loop._graphdef(cfg), optim.make_optimizer(cfg), lambda s: 0.0),
+        step_lib.make_train_step(cfg, state_lib.model_graphdef(cfg), optim.make_optimizer(cfg), lambda s: 0.0),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
     )

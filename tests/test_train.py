@@ -81,7 +81,7 @@ def test_the_step_skips_non_finite_updates_and_counts_them(data_dir):
   tx = optim.make_optimizer(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   state = state_lib.create_state(cfg, mesh)
-  graphdef = loop._graphdef(cfg)
+  graphdef = state_lib.model_graphdef(cfg)
   train_step = jax.jit(step_lib.make_train_step(cfg, graphdef, tx, lambda s: 0.0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (8, 33)), jnp.int32)
   poisoned = state._replace(
@@ -102,7 +102,7 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir):
   for accum in (1, 4):
     cfg = smoke_config(data_dir, f"train.grad_accum={accum}")
     state = state_lib.create_state(cfg, sharding.make_mesh(cfg.mesh))
-    step = jax.jit(step_lib.make_train_step(cfg, loop._graphdef(cfg), optim.make_optimizer(cfg), lambda s: 0.0))
+    step = jax.jit(step_lib.make_train_step(cfg, state_lib.model_graphdef(cfg), optim.make_optimizer(cfg), lambda s: 0.0))
     results.append(step(state, tokens))
   (one, m1), (four, m4) = results
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)

@@ -185,7 +185,7 @@ def _run(
   run = setup(cfg, run_dir, mesh, log)
   tx = optim.make_optimizer(cfg)
   schedule = optim.lr_multiplier(cfg.train.steps, cfg.train.warmup, cfg.train.lr_min_ratio, cfg.train.scheduler)
-  graphdef = _graphdef(cfg)
+  graphdef = state_lib.model_graphdef(cfg)
   compiled, memory_line = compile_train_step(
       run, step_lib.make_train_step(cfg, graphdef, tx, lambda s: cfg.train.lr * schedule(s))
   )
@@ -273,15 +273,6 @@ def _run(
       f"{writer.path}" + (f", TensorBoard in {run_dir / 'tensorboard'}" if train.tensorboard else "")
   )
   return final
-
-
-def _graphdef(cfg: Config):
-  from flax import nnx
-
-  from memjax.model import Transformer
-
-  abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
-  return state_lib.split_model(abstract)[0]
 
 
 def default_run_dir(config_name: str) -> pathlib.Path:

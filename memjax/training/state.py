@@ -29,6 +29,12 @@ def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]
   return nnx.split(model, nnx.Param, ...)
 
 
+def model_graphdef(cfg: Config) -> nnx.GraphDef:
+  """The model's structure, from an abstract model (nothing allocated)."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
+  return split_model(abstract)[0]
+
+
 def new_state(cfg: Config, tx: optax.GradientTransformation) -> TrainState:
   model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
   _, params, other = split_model(model)

@@ -19,12 +19,13 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this machine's backend; the target is the topology
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# Compiling opens no TPU, so several compiles (or a compile beside a training run) may share libtpu.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from memjax import config as config_lib  # noqa: E402
-from memjax import optim, sharding  # noqa: E402
+from memjax import sharding  # noqa: E402
 from memjax.training import state as state_lib, step as step_lib  # noqa: E402
 
 
@@ -94,19 +95,8 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
         "train.batch_size", f"must be a multiple of the {len(devices)} devices, got {train.batch_size}"
     )
   with jax.set_mesh(mesh):
-    shardings = state_lib.state_shardings(cfg, mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(
-            cfg, state_lib.model_graphdef(cfg), optim.make_optimizer(cfg), lambda s: 0.0
-        ),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-    abstract = state_lib.abstract_state(cfg, mesh)
-    batch = jax.ShapeDtypeStruct(
-        (train.batch_size, train.seq_len + 1), jnp.int32, sharding=sharding.batch_sharding(mesh)
-    )
+    train_step, abstract_args = step_lib.jit_train_step(cfg, mesh)
+    abstract, batch = abstract_args()
     start = time.perf_counter()
     compiled = train_step.lower(abstract, batch).compile()
     seconds = time.perf_counter() - start

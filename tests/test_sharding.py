@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax import config, optim, sharding
+from memjax import config, sharding
 from memjax.training import loop, state as state_lib, step as step_lib
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 1, 4), (1, 2, 4), (1, 1, 8)]  # (data, fsdp, memory)
@@ -40,12 +40,7 @@ def run_steps(cfg, devices, n_steps):
     ))
     place = lambda t: jax.device_put(t, sharding.batch_sharding(mesh))
     loss, grads = grad_fn(state.params, state.other, place(tokens(0)))
-    shardings = state_lib.state_shardings(cfg, mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(cfg, graphdef, optim.make_optimizer(cfg), lambda s: 0.0),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-    )
+    train_step, _ = step_lib.jit_train_step(cfg, mesh)
     losses = []
     for step in range(n_steps):
       state, metrics = train_step(state, place(tokens(step)))
@@ -107,15 +102,8 @@ def test_no_collective_moves_the_whole_table_or_its_gradient():
   cfg = cfg_for((2, 1, 4))
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):
-    shardings = state_lib.state_shardings(cfg, mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(cfg, state_lib.model_graphdef(cfg), optim.make_optimizer(cfg), lambda s: 0.0),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-    )
-    abstract = state_lib.abstract_state(cfg, mesh)
-    batch = jax.ShapeDtypeStruct((8, 17), jnp.int32, sharding=sharding.batch_sharding(mesh))
-    hlo = train_step.lower(abstract, batch).compile().as_text()
+    train_step, abstract_args = step_lib.jit_train_step(cfg, mesh)
+    hlo = train_step.lower(*abstract_args()).compile().as_text()
   ops = re.findall(
       r"= (\(.*?\)|\S+) (all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)"
       r"(?:-start)?\(",

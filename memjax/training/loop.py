@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from memjax import checkpoint as checkpoint_lib
-from memjax import optim, sharding
+from memjax import sharding
 from memjax.config import Config, ConfigError
 from memjax.training import evaluation, inputs as inputs_lib, step as step_lib
 from memjax.training import state as state_lib
@@ -99,24 +99,12 @@ def _gib(n_bytes: int) -> str:
   return f"{n_bytes / 2**20:,.1f} MiB" if n_bytes < 2**30 else f"{n_bytes / 2**30:,.2f} GiB"
 
 
-def compile_train_step(run: Run, train_step: Callable):
+def compile_train_step(run: Run):
   """Jits the step with explicit shardings and donation, compiles it ahead of time, and reports
   per-device memory from the compiled program."""
-  shardings = state_lib.state_shardings(run.cfg, run.mesh)
-  batch_sharding = sharding.batch_sharding(run.mesh)
-  jitted = jax.jit(
-      train_step,
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, sharding.replicated(run.mesh)),
-      donate_argnums=0,
-  )
-  train = run.cfg.train
-  batch = jax.ShapeDtypeStruct((train.batch_size, train.seq_len + 1), np.int32, sharding=batch_sharding)
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state, shardings
-  )
+  jitted, abstract_args = step_lib.jit_train_step(run.cfg, run.mesh)
   start = time.perf_counter()
-  compiled = jitted.lower(abstract, batch).compile()
+  compiled = jitted.lower(*abstract_args()).compile()
   params = state_lib.tree_bytes_per_device(run.state.params)
   opt = state_lib.tree_bytes_per_device(run.state.opt_state)
   memory = compiled.memory_analysis()
@@ -183,12 +171,8 @@ def _run(
     stop_after: int | None,
 ) -> dict[str, Any]:
   run = setup(cfg, run_dir, mesh, log)
-  tx = optim.make_optimizer(cfg)
-  schedule = optim.lr_multiplier(cfg.train.steps, cfg.train.warmup, cfg.train.lr_min_ratio, cfg.train.scheduler)
   graphdef = state_lib.model_graphdef(cfg)
-  compiled, memory_line = compile_train_step(
-      run, step_lib.make_train_step(cfg, graphdef, tx, lambda s: cfg.train.lr * schedule(s))
-  )
+  compiled, memory_line = compile_train_step(run)
   log(memory_line)
   eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
   forward = evaluation.make_forward(graphdef)

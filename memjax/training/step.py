@@ -80,6 +80,38 @@ def make_train_step(
   return train_step
 
 
+def jit_train_step(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+  """The train step jitted with the state's and the batch's shardings on `mesh` and the state
+  donated; and a function giving its abstract (state, batch) arguments, for an ahead-of-time
+  compile."""
+  from memjax import optim, sharding
+  from memjax.training import state as state_lib
+
+  schedule = optim.lr_multiplier(
+      cfg.train.steps, cfg.train.warmup, cfg.train.lr_min_ratio, cfg.train.scheduler
+  )
+  train_step = make_train_step(
+      cfg, state_lib.model_graphdef(cfg), optim.make_optimizer(cfg),
+      lambda step: cfg.train.lr * schedule(step),
+  )
+  shardings = state_lib.state_shardings(cfg, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(
+      train_step,
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0,
+  )
+
+  def abstract_args():
+    batch = jax.ShapeDtypeStruct(
+        (cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32, sharding=batch_sharding
+    )
+    return state_lib.abstract_state(cfg, mesh), batch
+
+  return jitted, abstract_args
+
+
 def make_eval_step(cfg: Config, graphdef: nnx.GraphDef) -> Callable:
   """eval_step(params, other, tokens_BT1) -> (summed token loss, token count, selections)."""
   del cfg

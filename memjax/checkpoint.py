@@ -137,7 +137,6 @@ def load_for_inference(path: str | pathlib.Path):
   from flax import nnx
 
   from memjax import data
-  from memjax.model import Transformer
 
   run_dir, step = find_run_dir(path)
   checkpointer = Checkpointer(run_dir, every=1, keep=1, async_save=False)
@@ -148,9 +147,7 @@ def load_for_inference(path: str | pathlib.Path):
   from memjax.training import state as state_lib
 
   restored, _ = checkpointer.restore(step, state_lib.abstract_state(cfg))
-  abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
-  graphdef, _, _ = state_lib.split_model(abstract_model)
-  model = nnx.merge(graphdef, restored.params, restored.other)
+  model = nnx.merge(state_lib.model_graphdef(cfg), restored.params, restored.other)
   checkpointer.close()
   tokenizer = data.make_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path or None)
   return cfg, model, tokenizer

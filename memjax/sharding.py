@@ -107,7 +107,3 @@ def opt_state_shardings(opt_state: Any, params_shardings: Any, mesh: Mesh) -> An
 
   return jax.tree_util.tree_map_with_path(place, opt_state)
 
-
-def table_bytes_per_device(mesh: Mesh, cfg: MeshConfig, n_slots: int, value_dim: int, itemsize: int) -> int:
-  rows = n_slots // (mesh.shape["fsdp"] if cfg.table_rows_over_fsdp else 1)
-  return rows * (value_dim // mesh.shape["memory"]) * itemsize

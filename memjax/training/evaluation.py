@@ -35,11 +35,10 @@ def eval_loss(
   return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0)))}
 
 
-def _probe_rows(probes, tokenizer, width: int):
+def _probe_rows(probe_ids, tokenizer, width: int):
   """Token rows [BOS] + prompt + answer, padded to `width`, and each answer's span."""
   rows, spans = [], []
-  for probe in probes:
-    prompt, answer = data.probe_ids(probe, tokenizer)
+  for prompt, answer in probe_ids:
     ids = [tokenizer.bos_id, *prompt, *answer][:width]
     spans.append((1 + len(prompt), 1 + len(prompt) + len(answer)))
     rows.append(ids + [tokenizer.eos_id] * (width - len(ids)))
@@ -57,13 +56,13 @@ def fact_recall(
   """
   if not probes:
     return {}
-  widths = [1 + sum(map(len, data.probe_ids(p, tokenizer))) for p in probes]
-  width = min(max(widths), max_len)
+  ids = [data.probe_ids(p, tokenizer) for p in probes]
+  width = min(max(1 + len(prompt) + len(answer) for prompt, answer in ids), max_len)
   hits = collections.Counter()
   totals = collections.Counter()
   for start in range(0, len(probes), batch_size):
     chunk = list(probes[start : start + batch_size])
-    rows, spans = _probe_rows(chunk, tokenizer, width)
+    rows, spans = _probe_rows(ids[start : start + batch_size], tokenizer, width)
     pad = batch_size - len(chunk)
     if pad:
       rows = np.concatenate([rows, np.repeat(rows[-1:], pad, axis=0)])

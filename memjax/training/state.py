@@ -42,10 +42,14 @@ def new_state(cfg: Config, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(zero, params, other, tx.init(params), zero, zero)
 
 
-def state_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> TrainState:
-  """A sharding for every array of the state, by the rules of `memjax.sharding`."""
+def _shapes(cfg: Config) -> TrainState:
   tx = optim.make_optimizer(cfg)
-  abstract = jax.eval_shape(lambda: new_state(cfg, tx))
+  return jax.eval_shape(lambda: new_state(cfg, tx))
+
+
+def state_shardings(cfg: Config, mesh: jax.sharding.Mesh, abstract: TrainState | None = None) -> TrainState:
+  """A sharding for every array of the state, by the rules of `memjax.sharding`."""
+  abstract = _shapes(cfg) if abstract is None else abstract
   params = sharding.param_shardings(abstract.params, mesh, cfg.mesh)
   replicated = sharding.replicated(mesh)
   return TrainState(
@@ -60,13 +64,12 @@ def state_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> TrainState:
 
 def abstract_state(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> TrainState:
   """Shapes, dtypes and shardings of the state, with nothing allocated (one device by default)."""
-  tx = optim.make_optimizer(cfg)
-  abstract = jax.eval_shape(lambda: new_state(cfg, tx))
+  abstract = _shapes(cfg)
   if mesh is None:
     mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract, state_shardings(cfg, mesh),
+      abstract, state_shardings(cfg, mesh, abstract),
   )
 
 

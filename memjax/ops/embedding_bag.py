@@ -100,7 +100,10 @@ def available_impls() -> tuple[str, ...]:
 
 # The impl "auto" picks per platform, and the modules that register kernels on first use.
 _PLATFORM_IMPLS = {"cpu": "cpu", "tpu": "pallas_tpu", "gpu": "triton"}
-_KERNEL_MODULES = {"cpu": "pallas_kernels.cpu", "triton": "pallas_kernels.gpu"}
+_KERNEL_MODULES = {
+    "cpu": "pallas_kernels.cpu",
+    "pallas_tpu": "pallas_kernels.tpu",
+}
 _load_failures: dict[str, Exception] = {}
 _warned: set[str] = set()
 

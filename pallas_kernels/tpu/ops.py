@@ -1,0 +1,59 @@
+"""The `pallas_tpu` impl of `memjax.ops.embedding_bag`: the kernels of `embedding_bag.py` behind
+the op's forward/backward signatures, Mosaic on TPU and interpret mode on other platforms."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from memjax.ops.embedding_bag import bag_backward_xla, bag_forward_xla
+from pallas_kernels.tpu import embedding_bag as kernels
+
+_NATIVE_TABLES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_NATIVE_FLOATS = (*_NATIVE_TABLES, jnp.dtype(jnp.float16))
+
+
+def _by_platform(kernel, *args, **kwargs):
+  """`kernel` compiled by Mosaic where the lowering platform is TPU, interpreted elsewhere.
+
+  The choice is made when lowering, so one traced program serves both (an ahead-of-time compile
+  for TPU from a CPU host, the same function run on CPU). The plain interpreter is the one that
+  has no side effects, which `platform_dependent` needs of its branches; the tests also run the
+  kernels under the TPU interpreter.
+  """
+  return jax.lax.platform_dependent(
+      *args,
+      tpu=functools.partial(kernel, interpret=False, **kwargs),
+      default=functools.partial(kernel, interpret=True, **kwargs),
+  )
+
+
+def _native(values_SV: jax.Array, *floats: jax.Array) -> bool:
+  # float64 (under jax_enable_x64) and other table types go to the XLA twin.
+  return values_SV.dtype in _NATIVE_TABLES and all(a.dtype in _NATIVE_FLOATS for a in floats)
+
+
+def bag_forward(values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
+  """The `pallas_tpu` forward: (N, V) float32."""
+  n_tokens, bag = idx_NK.shape
+  if not _native(values_SV, w_NK) or n_tokens == 0 or bag == 0:
+    return bag_forward_xla(values_SV, idx_NK, w_NK)
+  return _by_platform(kernels.gather_bag, values_SV, idx_NK, w_NK)
+
+
+def bag_backward(
+    values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, dout_NV: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """The `pallas_tpu` backward: the dense table gradient in the table's dtype (each row written
+  once, from a row-sorted walk) and the float32 weight gradient (a gather-dot)."""
+  n_tokens, bag = idx_NK.shape
+  if not _native(values_SV, w_NK, dout_NV) or n_tokens == 0 or bag == 0:
+    return bag_backward_xla(values_SV, idx_NK, w_NK, dout_NV)
+  dvalues_SV = _by_platform(
+      kernels.sorted_row_grad, idx_NK, w_NK, dout_NV, n_slots=values_SV.shape[0],
+      dtype=values_SV.dtype,
+  )
+  dw_NK = _by_platform(kernels.gather_dot, values_SV, idx_NK, dout_NV)
+  return dvalues_SV, dw_NK

@@ -376,3 +376,36 @@ def test_gpu_vmap_empty_bags_and_no_tokens():
     idx0, w0 = jnp.zeros(shape, jnp.int32), jnp.ones(shape)
     assert not np.asarray(bag(values, idx0, w0)).any()
     assert not np.asarray(jax.grad(lambda v: jnp.sum(bag(v, idx0, w0)))(values)).any()
+
+
+# --- The device script, proven on the CPU -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_gpu_check_dry_run_writes_every_phase(tmp_path):
+  # The device call has one try: every phase of benchmarks/gpu_check.py runs here at small shapes,
+  # with the auto impl standing in for triton and torch on the CPU.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("TRITON_INTERPRET", None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "benchmarks", "gpu_check.py"), "--dry-run", "--reps", "2",
+       "--out", str(tmp_path)],
+      cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False,
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  import json
+
+  report = json.loads((tmp_path / "gpu_check.json").read_text())
+  assert report["copy"]["GBps"] > 0
+  assert [c["ok"] for c in report["checks"]] == [True, True]
+  impls = report["bandwidth"]["impls"]
+  kernel = report["environment"]["kernel_impl"]
+  for name in (kernel, "xla", "torch_embedding_bag"):
+    assert impls[name]["fwd_s"] > 0 and impls[name]["bwd_s"] > 0, (name, impls[name])
+    assert 0 < impls[name]["fwd_unique_GBps"] <= impls[name]["fwd_per_lookup_GBps"]
+  assert set(report["bandwidth"]["verdict"]) >= {"fwd_beats_baselines", "bwd_unique_meets_40%_of_copy"}
+  step = report["train_step"]["impls"][kernel]
+  assert step["step_s"] > 0 and np.isfinite(step["loss"])
+  assert "| impl | fwd ms |" in proc.stdout

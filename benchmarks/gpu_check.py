@@ -1,0 +1,350 @@
+"""One GPU's check of the `triton` lookup: correctness against `xla`, bandwidth, a train step.
+
+  python benchmarks/gpu_check.py --out DIR [--dry-run] [--train-layers 12] [--skip-train]
+
+Phases, each adding to DIR/gpu_check.json as it ends (a run cut short keeps what it measured):
+1. environment: GPU, jax, jax-triton, triton and torch versions;
+2. copy bandwidth: a device-to-device copy of a 2 GiB buffer through torch, counting bytes read
+   plus bytes written: the ceiling the lookups are measured against;
+3. correctness: the triton impl's forward, table gradient and weight gradient against the xla
+   impl at several shapes, up to the paper's; errors relative to the summed terms' magnitude;
+4. bandwidth at the paper's shapes (a 2^20 x 1024 bfloat16 table, 4096 x 8 tokens, bag 128, uniform
+   random ids): forward and backward time of the triton impl (a few block-size variants; the
+   defaults are what `embedding_bag` runs), the xla impl and torch's `F.embedding_bag`. Effective
+   bandwidth counts unique bytes (distinct table rows read, ids, weights, outputs; the backward
+   writes the whole dense table gradient) over time; `per_lookup` counts one row read per lookup
+   instead, the traffic of a gather that no cache helps;
+5. a train step of the 373m Memory+ shape (`configs/pkplus_373m_1024k.yaml`, fewer layers, batch
+   8 x 1024) with each impl.
+
+`--dry-run` runs every phase on the CPU at small shapes, with the `auto` impl (the C++ CPU kernels
+here) standing in for triton and torch on the CPU, so the script itself is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# torch and JAX share the GPU: JAX takes memory as it needs it instead of 75 % up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from memjax.ops import embedding_bag, resolve_impl  # noqa: E402
+from memjax.ops.embedding_bag import _IMPLS  # noqa: E402
+
+PAPER = dict(slots=2**20, dim=1024, tokens=4096 * 8, bag=128, dtype="bfloat16")
+DRY = dict(slots=4096, dim=96, tokens=256, bag=16, dtype="bfloat16")
+CHECKS = [
+    dict(slots=1000, dim=100, tokens=333, bag=70, dtype="float32"),
+    dict(slots=4096, dim=1024, tokens=512, bag=128, dtype="bfloat16"),
+    dict(slots=65536, dim=2048 + 8, tokens=1024, bag=32, dtype="float16"),
+    PAPER,
+]
+DRY_CHECKS = [dict(slots=300, dim=100, tokens=33, bag=70, dtype="float32"), DRY]
+FWD_VARIANTS = [dict(), dict(block_k=16), dict(num_warps=8), dict(num_stages=1), dict(block_k=4)]
+BWD_VARIANTS = [dict(), dict(block_v=128), dict(block_v=512), dict(block_j=4), dict(block_r=4),
+                dict(num_warps=8)]
+THRESHOLDS = {"fwd": 0.70, "bwd": 0.40}  # of the copy bandwidth (issue 6)
+
+
+def block(x):
+  if hasattr(x, "device") and "torch" in type(x).__module__:
+    import torch
+
+    if x.is_cuda:
+      torch.cuda.synchronize()
+    return x
+  return jax.block_until_ready(x)
+
+
+def median_time(fn, reps: int, warmup: int = 2) -> float:
+  """Median wall time of fn(), each call waited for (a few us of launch overhead on ms-long
+  kernels; jax and torch use different streams, so device events would see only one)."""
+  for _ in range(warmup):
+    block(fn())
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def make_case(seed, slots, dim, tokens, bag, dtype):
+  key_v, key_i, key_w, key_d = jax.random.split(jax.random.PRNGKey(seed), 4)
+  values = jax.random.normal(key_v, (slots, dim), jnp.float32).astype(dtype)
+  idx = jax.random.randint(key_i, (tokens, bag), 0, slots, jnp.int32)
+  w = jax.random.uniform(key_w, (tokens, bag), jnp.float32)
+  dout = jax.random.normal(key_d, (tokens, dim), jnp.float32)
+  return values, idx, w, dout
+
+
+def environment(kernel_impl: str) -> dict:
+  env = dict(jax=jax.__version__, backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
+             kernel_impl=kernel_impl)
+  for module in ("triton", "jax_triton", "torch"):
+    try:
+      env[module] = __import__(module).__version__
+    except Exception as error:  # noqa: BLE001  (recorded, not fatal)
+      env[module] = f"unavailable: {error!r}"
+  try:
+    import torch
+
+    if torch.cuda.is_available():
+      env["gpu"] = torch.cuda.get_device_name(0)
+  except ImportError:
+    pass
+  return env
+
+
+def copy_bandwidth(n_bytes: int, reps: int) -> dict:
+  import torch
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  src = torch.randn(n_bytes // 4, device=device)
+  dst = torch.empty_like(src)
+  seconds = median_time(lambda: dst.copy_(src), reps)
+  del src, dst
+  if device == "cuda":
+    torch.cuda.empty_cache()
+  return dict(device=device, bytes=n_bytes, seconds=seconds, GBps=2 * n_bytes / seconds / 1e9)
+
+
+def check(impl: str, shape: dict, seed: int) -> dict:
+  """Max error of impl against xla, relative to the magnitude of the summed terms."""
+  values, idx, w, dout = make_case(seed, **shape)
+
+  def run(impl, values, w, dout):
+    out, vjp = jax.vjp(lambda v, w: embedding_bag(v, idx, w, impl=impl), values, w)
+    return (out, *vjp(dout))
+
+  run = jax.jit(run, static_argnums=0)
+  got = run(impl, values, w, dout)
+  want = run("xla", values, w, dout)
+  scales = run("xla", jnp.abs(values), jnp.abs(w), jnp.abs(dout))
+  errors = {}
+  for name, g, x, s in zip(("out", "dvalues", "dw"), got, want, scales):
+    diff = jnp.abs(g.astype(jnp.float32) - x.astype(jnp.float32))
+    errors[name] = float(jnp.max(diff / (s.astype(jnp.float32) + 1e-30)))
+    errors[name + "_finite"] = bool(jnp.all(jnp.isfinite(g)))
+  table_rel = {"float32": 1e-5, "float16": 2**-10, "bfloat16": 2**-8}[shape["dtype"]] + 1e-5
+  errors["ok"] = bool(errors["out"] <= 1e-5 and errors["dvalues"] <= table_rel and errors["dw"] <= 1e-5
+                      and all(errors[k + "_finite"] for k in ("out", "dvalues", "dw")))
+  return dict(shape, **errors)
+
+
+def traffic(values, idx, w) -> dict:
+  """Bytes each pass must move: unique (each distinct row once) and per lookup."""
+  slots, dim = values.shape
+  item = values.dtype.itemsize
+  unique_rows = int(jnp.sum(jnp.zeros(slots, jnp.int32).at[idx.reshape(-1)].max(1)))
+  ids_weights = idx.size * (4 + 4)
+  out = idx.shape[0] * dim * 4
+  return dict(
+      unique_rows=unique_rows,
+      fwd_unique=unique_rows * dim * item + ids_weights + out,
+      fwd_per_lookup=idx.size * dim * item + ids_weights + out,
+      # Read: touched rows, dOut, ids, weights. Write: the dense table gradient, dw.
+      bwd_unique=unique_rows * dim * item + out + ids_weights + slots * dim * item + idx.size * 4,
+      bwd_per_lookup=idx.size * dim * (item + 4) + ids_weights + slots * dim * item + idx.size * 4,
+  )
+
+
+def jax_pass_times(forward, backward, values, idx, w, dout, reps) -> dict:
+  fwd = jax.jit(forward)
+  bwd = jax.jit(backward)
+  return dict(fwd_s=median_time(lambda: fwd(values, idx, w), reps),
+              bwd_s=median_time(lambda: bwd(values, idx, w, dout), reps))
+
+
+def torch_pass_times(values, idx, w, dout, reps) -> dict:
+  """F.embedding_bag: the forward, and the backward alone (autograd.grad on a kept graph)."""
+  import torch
+  import torch.nn.functional as F
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = getattr(torch, str(values.dtype))
+  table = torch.from_dlpack(values).to(device) if device == "cuda" else torch.tensor(
+      np.asarray(values.astype(jnp.float32)), dtype=dtype)
+  table = table.detach().requires_grad_(True)
+  ids = torch.tensor(np.asarray(idx), dtype=torch.int64, device=device)
+  # per_sample_weights must have the table's dtype.
+  weights = torch.tensor(np.asarray(w), device=device).to(dtype).requires_grad_(True)
+  grad_out = torch.tensor(np.asarray(dout), device=device).to(dtype)
+  forward = lambda: F.embedding_bag(ids, table, per_sample_weights=weights, mode="sum")
+  fwd_s = median_time(lambda: forward().detach(), reps)
+  out = forward()
+  bwd_s = median_time(
+      lambda: torch.autograd.grad(out, (table, weights), grad_out, retain_graph=True)[0], reps)
+  del table, weights, out
+  if device == "cuda":
+    torch.cuda.empty_cache()
+  return dict(fwd_s=fwd_s, bwd_s=bwd_s, device=device)
+
+
+def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, sweep: bool) -> dict:
+  values, idx, w, dout = make_case(0, **shape)
+  bytes_ = traffic(values, idx, w)
+  rows = {}
+  rows[kernel_impl] = jax_pass_times(*_IMPLS[kernel_impl], values, idx, w, dout, reps)
+  rows["xla"] = jax_pass_times(*_IMPLS["xla"], values, idx, w, dout, max(3, reps // 3))
+  try:
+    rows["torch_embedding_bag"] = torch_pass_times(values, idx, w, dout, reps)
+  except Exception as error:  # noqa: BLE001  (a torch failure must not lose the JAX figures)
+    rows["torch_embedding_bag"] = dict(error=repr(error))
+  variants = {}
+  if sweep:
+    from pallas_kernels.gpu import ops
+
+    for blocks in FWD_VARIANTS:
+      f = lambda v, i, w, blocks=blocks: ops.run(ops.forward_launch(v, i, w, **blocks))[0]
+      variants["fwd " + json.dumps(blocks)] = median_time(
+          functools.partial(jax.jit(f), values, idx, w), reps)
+    for blocks in BWD_VARIANTS:
+      def b(v, i, w, d, blocks=blocks):
+        dvalues, dw = ops.run(ops.backward_launch(v, i, w, d, **blocks))
+        return dvalues, ops.weight_gradient(dw, i.shape)
+      variants["bwd " + json.dumps(blocks)] = median_time(
+          functools.partial(jax.jit(b), values, idx, w, dout), reps)
+  for row in rows.values():
+    for p in ("fwd", "bwd"):
+      if f"{p}_s" in row:
+        row[f"{p}_unique_GBps"] = bytes_[f"{p}_unique"] / row[f"{p}_s"] / 1e9
+        row[f"{p}_per_lookup_GBps"] = bytes_[f"{p}_per_lookup"] / row[f"{p}_s"] / 1e9
+        row[f"{p}_unique_of_copy"] = row[f"{p}_unique_GBps"] / copy_GBps
+        row[f"{p}_per_lookup_of_copy"] = row[f"{p}_per_lookup_GBps"] / copy_GBps
+  kernel = rows[kernel_impl]
+  verdict = {}
+  for p, threshold in THRESHOLDS.items():
+    others = [r[f"{p}_s"] for name, r in rows.items() if name != kernel_impl and f"{p}_s" in r]
+    verdict[f"{p}_unique_meets_{threshold:.0%}_of_copy"] = kernel[f"{p}_unique_of_copy"] >= threshold
+    verdict[f"{p}_per_lookup_meets_{threshold:.0%}_of_copy"] = (
+        kernel[f"{p}_per_lookup_of_copy"] >= threshold)
+    verdict[f"{p}_beats_baselines"] = all(kernel[f"{p}_s"] < t for t in others)
+  return dict(shape=shape, bytes=bytes_, impls=rows, variants_s=variants, verdict=verdict)
+
+
+def train_step_times(impls, layers: int, dry: bool, reps: int) -> dict:
+  from memjax import config as config_lib
+  from memjax import sharding
+  from memjax.training import state as state_lib
+  from memjax.training import step as step_lib
+
+  # Three memory layers spread like the reference's blocks 4, 12 and 20 of 24.
+  memory_layers = sorted({round((2 * i + 1) * layers / 6) for i in range(3)})
+  overrides = [f"model.n_layers={layers}", f"model.memory.layers=[{','.join(map(str, memory_layers))}]",
+               "train.batch_size=8", "train.seq_len=1024", "train.grad_accum=1"]
+  if dry:
+    overrides = [f"model.n_layers={layers}", f"model.memory.layers=[{layers - 1}]", "model.dim=64",
+                 "model.n_heads=2", "model.memory.n_keys=16", "model.memory.k_dim=32",
+                 "model.memory.heads=2", "model.memory.knn=4", "train.batch_size=2",
+                 "train.seq_len=32"]
+  results = {}
+  for impl in impls:
+    cfg = config_lib.load(ROOT / "configs" / "pkplus_373m_1024k.yaml",
+                          [*overrides, f"model.memory.impl={impl}"])
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    jitted, _ = step_lib.jit_train_step(cfg, mesh)
+    state = state_lib.create_state(cfg, mesh)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (cfg.train.batch_size, cfg.train.seq_len + 1),
+                                0, cfg.model.vocab_size, jnp.int32)
+    tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    start = time.perf_counter()
+    state, metrics = jitted(state, tokens)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      state, metrics = jitted(state, tokens)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    results[impl] = dict(compile_and_first_step_s=first, step_s=step_s, loss=float(metrics["loss"]),
+                         tokens_per_s=cfg.train.batch_size * cfg.train.seq_len / step_s)
+    del state, metrics, jitted
+    gc.collect()
+  return dict(layers=layers, memory_layers=memory_layers if not dry else [layers - 1],
+              overrides=overrides, impls=results)
+
+
+def print_table(report: dict) -> None:
+  bw = report.get("bandwidth")
+  copy = report.get("copy", {}).get("GBps", float("nan"))
+  if bw:
+    print(f"\nlookup at {bw['shape']}, copy bandwidth {copy:.0f} GB/s "
+          f"({report['environment'].get('gpu', report['environment']['backend'])})")
+    print("| impl | fwd ms | fwd GB/s unique (% copy) | fwd GB/s per lookup | bwd ms | "
+          "bwd GB/s unique (% copy) | bwd GB/s per lookup |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in bw["impls"].items():
+      if "fwd_s" not in r:
+        print(f"| {name} | {r} |")
+        continue
+      print(f"| {name} | {r['fwd_s'] * 1e3:.3f} | {r['fwd_unique_GBps']:.0f} "
+            f"({r['fwd_unique_of_copy']:.0%}) | {r['fwd_per_lookup_GBps']:.0f} | "
+            f"{r['bwd_s'] * 1e3:.3f} | {r['bwd_unique_GBps']:.0f} ({r['bwd_unique_of_copy']:.0%}) | "
+            f"{r['bwd_per_lookup_GBps']:.0f} |")
+    for name, seconds in bw["variants_s"].items():
+      print(f"  variant {name}: {seconds * 1e3:.3f} ms")
+    print("verdict:", json.dumps(bw["verdict"]))
+  for c in report.get("checks", []):
+    print("check", {k: c[k] for k in ("slots", "dim", "tokens", "bag", "dtype", "out", "dvalues", "dw", "ok")})
+  train = report.get("train_step")
+  if train:
+    for impl, r in train["impls"].items():
+      print(f"train step ({train['layers']} layers), {impl}: {r['step_s'] * 1e3:.1f} ms, "
+            f"{r['tokens_per_s']:.0f} tokens/s, first step {r['compile_and_first_step_s']:.1f} s")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", type=pathlib.Path, required=True, help="folder for gpu_check.json")
+  parser.add_argument("--dry-run", action="store_true", help="CPU, small shapes, the auto impl")
+  parser.add_argument("--train-layers", type=int, default=12)
+  parser.add_argument("--skip-train", action="store_true")
+  parser.add_argument("--reps", type=int, default=10)
+  args = parser.parse_args()
+  args.out.mkdir(parents=True, exist_ok=True)
+  path = args.out / "gpu_check.json"
+  kernel_impl = resolve_impl("auto") if args.dry_run else resolve_impl("triton")
+  report = {"environment": environment(kernel_impl)}
+
+  def save(phase):
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print(f"[{time.strftime('%H:%M:%S')}] {phase} done", flush=True)
+
+  save("environment")
+  report["copy"] = copy_bandwidth((64 << 20) if args.dry_run else (2 << 30), args.reps)
+  save("copy bandwidth")
+  report["checks"] = [check(kernel_impl, shape, seed) for seed, shape in
+                      enumerate(DRY_CHECKS if args.dry_run else CHECKS)]
+  save("checks")
+  report["bandwidth"] = bandwidth(kernel_impl, DRY if args.dry_run else PAPER, report["copy"]["GBps"],
+                                  args.reps, sweep=kernel_impl == "triton")
+  save("bandwidth")
+  if not args.skip_train:
+    # The dry run trains with the stand-in impl only: the xla step is the same code, compiled again.
+    report["train_step"] = train_step_times(
+        [kernel_impl] if args.dry_run else [kernel_impl, "xla"],
+        1 if args.dry_run else args.train_layers, args.dry_run, 3)
+    save("train step")
+  print_table(report)
+  if not all(c["ok"] for c in report["checks"]):
+    raise SystemExit("a correctness check failed; see gpu_check.json")
+
+
+if __name__ == "__main__":
+  main()

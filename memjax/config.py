@@ -20,8 +20,10 @@ from omegaconf import OmegaConf
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 InitStdFactor = Literal["disabled", "current_depth", "global_depth", "dim_ratio"]
 BagImpl = Literal["auto", "xla", "cpu", "pallas_tpu", "triton"]
+MoEImpl = Literal["auto", "ragged", "blocked"]
 Scheduler = Literal["linear", "cosine"]
 DataSource = Literal["knowledge", "tfds", "files"]
+Initialize = Literal["auto", "on", "off"]
 TokenizerKind = Literal["bytes", "sentencepiece", "tiktoken"]
 
 
@@ -101,6 +103,75 @@ class MemoryConfig:
     return self.n_keys**2
 
 
+def _check_layers(layers: tuple[int, ...]) -> None:
+  _check(
+      len(set(layers)) == len(layers) and all(i >= 0 for i in layers),
+      "layers",
+      f"must be distinct block indices >= 0, got {list(layers)}",
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Routed mixture-of-experts FFN baseline (memjax.layers.moe). E experts, k of them per token."""
+
+  layers: tuple[int, ...] = ()  # 0-based blocks whose FFN becomes an MoE; () = none
+  experts: int = 8  # E SwiGLU experts per layer
+  top_k: int = 2  # experts per token; their gates are the router's softmax renormalised over k
+  hidden_dim: int = -1  # each expert's SwiGLU hidden size; -1 = the dense FFN's
+  balance_coef: float = 0.01  # weight of the load-balancing loss added to the training loss
+  impl: MoEImpl = "auto"  # grouped matmul: ragged_dot (accelerators) or blocked (CPU); auto picks
+  block: int = 64  # rows per tile of the blocked impl; each expert's group is padded to it
+
+  def __post_init__(self):
+    _check_layers(self.layers)
+    _check(self.experts >= 1, "experts", f"must be >= 1, got {self.experts}")
+    _check(
+        1 <= self.top_k <= self.experts,
+        "top_k",
+        f"must be in [1, experts={self.experts}], got {self.top_k}",
+    )
+    _check(
+        self.hidden_dim == -1 or self.hidden_dim > 0,
+        "hidden_dim",
+        f"must be a positive int or -1 (the dense FFN's), got {self.hidden_dim}",
+    )
+    _check(self.balance_coef >= 0, "balance_coef", f"must be >= 0, got {self.balance_coef}")
+    _check(self.block >= 1, "block", f"must be >= 1, got {self.block}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PEERConfig:
+  """PEER baseline (memjax.layers.peer, spec 1.3 `peer_variant`): product keys pick K of N
+  single-neuron experts per head; expert i is (u_i, v_i), out = sum_k w_k gelu(<x, u_k>) v_k."""
+
+  layers: tuple[int, ...] = ()  # 0-based blocks whose FFN becomes a PEER layer; () = none
+  n_keys: int = 64  # sub-keys per half; experts = n_keys**2
+  heads: int = 4  # query heads; their experts are summed
+  knn: int = 16  # experts per head (and top-k per half)
+  k_dim: int = 128  # full key dim, split into two halves
+  query_bias: bool = True
+
+  def __post_init__(self):
+    _check_layers(self.layers)
+    _check(self.n_keys >= 1, "n_keys", f"must be >= 1, got {self.n_keys}")
+    _check(self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
+    _check(
+        1 <= self.knn <= self.n_keys,
+        "knn",
+        f"must be in [1, n_keys={self.n_keys}], got {self.knn}",
+    )
+    _check(
+        self.k_dim >= 2 and self.k_dim % 2 == 0,
+        "k_dim",
+        f"must be even and >= 2 (it is split in two halves), got {self.k_dim}",
+    )
+
+  @property
+  def n_experts(self) -> int:
+    return self.n_keys**2
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The decoder-only LM (Lingua conventions, spec 1.5 and 5.3). D = dim."""
@@ -121,6 +192,8 @@ class ModelConfig:
   param_dtype: DType = "float32"
   dtype: DType = "float32"  # compute dtype; norms, softmaxes and the loss run in float32
   memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+  peer: PEERConfig = dataclasses.field(default_factory=PEERConfig)
 
   def __post_init__(self):
     for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seqlen"):
@@ -144,12 +217,23 @@ class ModelConfig:
         f"must divide n_heads={self.n_heads}, got {self.resolved_kv_heads}",
     )
     _check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
-    bad = [i for i in self.memory.layers if i >= self.n_layers]
-    _check(
-        not bad,
-        "memory.layers",
-        f"block indices must be in [0, n_layers={self.n_layers}), got {bad}",
-    )
+    taken: dict[int, str] = {}
+    for kind in ("memory", "moe", "peer"):
+      layers = getattr(self, kind).layers
+      bad = [i for i in layers if i >= self.n_layers]
+      _check(
+          not bad,
+          f"{kind}.layers",
+          f"block indices must be in [0, n_layers={self.n_layers}), got {bad}",
+      )
+      clash = sorted(i for i in layers if i in taken)
+      _check(
+          not clash,
+          f"{kind}.layers",
+          f"blocks {clash} are already in {taken[clash[0]] if clash else ''}.layers; a block "
+          "has one FFN",
+      )
+      taken.update({i: kind for i in layers})
 
   @property
   def resolved_head_dim(self) -> int:
@@ -170,6 +254,10 @@ class ModelConfig:
   @property
   def value_dim(self) -> int:
     return self.memory.v_dim if self.memory.v_dim > 0 else self.dim
+
+  @property
+  def expert_hidden_dim(self) -> int:
+    return self.moe.hidden_dim if self.moe.hidden_dim > 0 else self.ffn_hidden_dim
 
 
 @dataclasses.dataclass(frozen=True)

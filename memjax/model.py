@@ -12,6 +12,7 @@ per token and need no cache.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -23,6 +24,8 @@ from memjax.layers import init
 from memjax.layers.attention import Attention, KVCache, rope_angles
 from memjax.layers.feed_forward import FeedForward
 from memjax.layers.memory import MemoryValues, ProductKeyMemory, new_value_table
+from memjax.layers.moe import MoE
+from memjax.layers.peer import PEER
 from memjax.layers.norms import RMSNorm
 
 
@@ -52,6 +55,16 @@ class Block(nnx.Module):
     )
     if depth in cfg.memory.layers:
       self.feed_forward = ProductKeyMemory(cfg, values=values, rngs=rngs)
+    elif depth in cfg.peer.layers:
+      self.feed_forward = PEER(cfg, rngs=rngs)
+    elif depth in cfg.moe.layers:
+      hidden = cfg.expert_hidden_dim
+      self.feed_forward = MoE(
+          cfg,
+          in_std=(base_std or cfg.dim**-0.5) / factor,
+          out_std=(base_std or hidden**-0.5) / factor,
+          rngs=rngs,
+      )
     else:
       hidden = cfg.ffn_hidden_dim
       self.feed_forward = FeedForward(
@@ -166,6 +179,40 @@ def split_for_inference(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
   view = nnx.view(model, deterministic=True, raise_if_not_found=False)
   nnx.pop(view, nnx.Intermediate)  # removed from the view's modules only
   return nnx.split(view)
+
+
+def balance_loss(intermediates: nnx.State) -> jax.Array:
+  """Sum of the MoE layers' load-balancing losses recorded under `nnx.capture(model,
+  nnx.Intermediate)`; 0 for a model without MoE layers."""
+  losses = [
+      v.get_value() for path, v in nnx.to_flat_state(intermediates) if path[-1] == "balance_loss"
+  ]
+  return sum(losses, jnp.float32(0))
+
+
+def parameter_counts(model: Transformer) -> dict[str, int]:
+  """Parameters in all, and those a token uses (`active`): a memory layer reads H*K rows of its
+  table, an MoE layer runs k of its E experts, a PEER layer H*K (u, v) pairs. A shared table
+  counts once in the total and once per reading layer in the active count. `model` may be
+  abstract (nnx.eval_shape)."""
+  size = lambda v: math.prod(v.get_value().shape)
+  total = sum(size(v) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  sparse: dict[int, int] = {}  # id of a table or expert weight -> its size, counted once
+  used = 0
+  for block in model.layers:
+    ffn = block.feed_forward
+    if isinstance(ffn, ProductKeyMemory):
+      sparse[id(ffn.values)] = size(ffn.values)
+      used += ffn.heads * ffn.knn * ffn.values.get_value().shape[1]
+    elif isinstance(ffn, MoE):
+      for w in (ffn.w1, ffn.w3, ffn.w2):
+        sparse[id(w)] = size(w)
+        used += size(w) // w.get_value().shape[0] * ffn.top_k
+    elif isinstance(ffn, PEER):
+      for table in (ffn.values_u.embedding, ffn.values_v.embedding):
+        sparse[id(table)] = size(table)
+        used += ffn.heads * ffn.knn * table.get_value().shape[1]
+  return {"total": int(total), "active": int(total - sum(sparse.values()) + used)}
 
 
 def cross_entropy(logits_BTW: jax.Array, targets_BT: jax.Array) -> jax.Array:

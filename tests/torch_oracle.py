@@ -84,6 +84,32 @@ class OracleMemory(nn.Module):
     return out_ND.view(b, t, -1)
 
 
+class OraclePEER(nn.Module):
+  """HashingMemory with `peer_variant` (spec 1.3): the same selection and softmax; expert i is the
+  row pair values_u[i], values_v[i] of two (S, D) tables, out = sum w * gelu(<x, u>) * v over all
+  heads' experts. (The unused swilu and value projections the reference builds are left out.)"""
+
+  def __init__(self, cfg: ModelConfig):
+    super().__init__()
+    peer = cfg.peer
+    self.heads, self.knn, self.n_keys, self.half = peer.heads, peer.knn, peer.n_keys, peer.k_dim // 2
+    self.keys = nn.Parameter(torch.zeros(2 * peer.heads * peer.n_keys, self.half))
+    self.query_proj = QueryMLP(cfg.dim, peer.heads * peer.k_dim, peer.query_bias)
+    self.values_u = nn.Embedding(peer.n_keys**2, cfg.dim)
+    self.values_v = nn.Embedding(peer.n_keys**2, cfg.dim)
+
+  select = OracleMemory.select
+
+  def forward(self, x_BTD):
+    b, t, d = x_BTD.shape
+    x_ND = x_BTD.reshape(b * t, d)
+    scores_NHK, slots_NHK = self.select(x_ND)
+    w_NL = F.softmax(scores_NHK.float(), dim=-1).type_as(scores_NHK).reshape(b * t, -1)
+    slots_NL = slots_NHK.reshape(b * t, -1)
+    act_NL = F.gelu(torch.einsum("nd,nld->nl", x_ND, self.values_u(slots_NL))) * w_NL
+    return torch.einsum("nl,nld->nd", act_NL, self.values_v(slots_NL)).view(b, t, d)
+
+
 class RMSNorm(nn.Module):
 
   def __init__(self, dim: int, eps: float):

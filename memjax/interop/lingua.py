@@ -62,7 +62,7 @@ OPTIM_KEYS = (
 SCHEDULERS = ("linear", "cosine")
 MODEL_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-_MEMJAX_ONLY_MODEL_KEYS = ("memory", "param_dtype", "dtype")
+_MEMJAX_ONLY_MODEL_KEYS = ("memory", "moe", "peer", "param_dtype", "dtype")
 
 
 def is_lingua(data: dict) -> bool:

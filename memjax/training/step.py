@@ -13,16 +13,20 @@ import optax
 from flax import nnx
 
 from memjax.config import Config
-from memjax.model import cross_entropy
+from memjax.model import balance_loss, cross_entropy
 from memjax.optim import param_group
 from memjax.training.state import TrainState
 
 
-def _loss(graphdef, params, other, tokens_BT1):
+def _loss(graphdef, params, other, tokens_BT1, balance_coef: float = 0.0):
+  """The training loss: cross-entropy plus `balance_coef` times the MoE layers' balance loss
+  (0 without MoE layers). Aux: (other state, cross-entropy, balance loss)."""
   model = nnx.merge(graphdef, params, other)
-  loss = cross_entropy(model(tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
+  logits_BTW, intermediates = nnx.capture(model, nnx.Intermediate)(tokens_BT1[:, :-1])
+  ce = cross_entropy(logits_BTW, tokens_BT1[:, 1:])
+  balance = balance_loss(intermediates)
   _, _, other = nnx.split(model, nnx.Param, ...)  # dropout RNG counters advanced
-  return loss, other
+  return ce + balance_coef * balance, (other, ce, balance)
 
 
 def _group_norms(grads) -> dict[str, jax.Array]:
@@ -43,24 +47,26 @@ def make_train_step(
   `train.grad_accum` micro-batches and a guard that skips a step whose loss or gradients are not
   finite (parameters and optimizer state unchanged; counted)."""
   accum = cfg.train.grad_accum
-  grad_fn = jax.value_and_grad(lambda p, o, t: _loss(graphdef, p, o, t), has_aux=True)
+  coef = cfg.model.moe.balance_coef if cfg.model.moe.layers else 0.0
+  grad_fn = jax.value_and_grad(lambda p, o, t: _loss(graphdef, p, o, t, coef), has_aux=True)
 
   def train_step(state: TrainState, tokens_BT1: jax.Array) -> tuple[TrainState, dict]:
     micro_ABT1 = tokens_BT1.reshape(accum, -1, tokens_BT1.shape[-1])
 
     def micro_step(carry, tokens):
-      other, grad_sum, loss_sum = carry
-      (loss, other), grads = grad_fn(state.params, other, tokens)
+      other, grad_sum, ce_sum, balance_sum = carry
+      (_, (other, ce, balance)), grads = grad_fn(state.params, other, tokens)
       grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-      return (other, grad_sum, loss_sum + loss), None
+      return (other, grad_sum, ce_sum + ce, balance_sum + balance), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (other, grad_sum, loss_sum), _ = jax.lax.scan(
-        micro_step, (state.other, zeros, jnp.float32(0)), micro_ABT1
+    (other, grad_sum, ce_sum, balance_sum), _ = jax.lax.scan(
+        micro_step, (state.other, zeros, jnp.float32(0), jnp.float32(0)), micro_ABT1
     )
     grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
-    loss = loss_sum / accum
-    finite = jnp.isfinite(loss) & jnp.all(
+    loss = ce_sum / accum  # reported: the cross-entropy alone, comparable across models
+    balance = balance_sum / accum
+    finite = jnp.isfinite(loss + balance) & jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -75,6 +81,8 @@ def make_train_step(
         skipped=state.skipped + (~finite).astype(jnp.int32),
     )
     metrics = {"loss": loss, "finite": finite, "lr": schedule(state.step), **_group_norms(grads)}
+    if coef:
+      metrics["balance_loss"] = balance
     return new_state, metrics
 
   return train_step

@@ -31,6 +31,7 @@ import os
 import pathlib
 import sys
 import time
+import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,6 +68,15 @@ def block(x):
       torch.cuda.synchronize()
     return x
   return jax.block_until_ready(x)
+
+
+def attempt(fn, *args, **kwargs) -> dict:
+  """fn's result, or its error: one broken part (say, jax-triton on this jax) must not cost the
+  call the other figures."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as error:  # noqa: BLE001
+    return {"error": repr(error), "traceback": traceback.format_exc()[-3000:]}
 
 
 def median_time(fn, reps: int, warmup: int = 2) -> float:
@@ -194,30 +204,51 @@ def torch_pass_times(values, idx, w, dout, reps) -> dict:
   return dict(fwd_s=fwd_s, bwd_s=bwd_s, device=device)
 
 
-def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, sweep: bool) -> dict:
+def sweep(values, idx, w, dout, reps: int, run_kernels: bool) -> dict:
+  """Times of the triton kernels at other block sizes, and of the backward's sort alone. Without
+  a GPU (the dry run) every variant's launch is still built and checked, and the sort timed."""
+  try:
+    from pallas_kernels.gpu import ops
+  except ImportError as error:
+    return {"skipped": f"triton is not installed: {error}"}
+
+  def forward(v, i, w, blocks):
+    launch = ops.forward_launch(v, i, w, **blocks)
+    return ops.run(launch)[0] if run_kernels else launch.operands
+
+  def backward(v, i, w, d, blocks):
+    launch = ops.backward_launch(v, i, w, d, **blocks)
+    if not run_kernels:
+      return launch.operands
+    dvalues, dw = ops.run(launch)
+    return dvalues, ops.weight_gradient(dw, i.shape)
+
+  times = {}
+  for name, fn, variants, operands in (("fwd", forward, FWD_VARIANTS, (values, idx, w)),
+                                       ("bwd", backward, BWD_VARIANTS, (values, idx, w, dout))):
+    for blocks in variants:
+      jitted = jax.jit(functools.partial(fn, blocks=blocks))
+      key = f"{name} {json.dumps(blocks)}"
+      if run_kernels:
+        times[key] = attempt(median_time, functools.partial(jitted, *operands), reps)
+      else:
+        jax.eval_shape(jitted, *operands)  # the blocks pass their checks
+        times[key] = None
+  # The backward's XLA part alone (sort by row, row starts): what the kernel's time sits on.
+  sort = jax.jit(lambda i, w: ops.sort_lookups(values.shape[0], i, w))
+  times["bwd sort_lookups only"] = median_time(functools.partial(sort, idx, w), reps)
+  return times
+
+
+def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, run_kernels: bool) -> dict:
   values, idx, w, dout = make_case(0, **shape)
   bytes_ = traffic(values, idx, w)
   rows = {}
-  rows[kernel_impl] = jax_pass_times(*_IMPLS[kernel_impl], values, idx, w, dout, reps)
-  rows["xla"] = jax_pass_times(*_IMPLS["xla"], values, idx, w, dout, max(3, reps // 3))
-  try:
-    rows["torch_embedding_bag"] = torch_pass_times(values, idx, w, dout, reps)
-  except Exception as error:  # noqa: BLE001  (a torch failure must not lose the JAX figures)
-    rows["torch_embedding_bag"] = dict(error=repr(error))
-  variants = {}
-  if sweep:
-    from pallas_kernels.gpu import ops
-
-    for blocks in FWD_VARIANTS:
-      f = lambda v, i, w, blocks=blocks: ops.run(ops.forward_launch(v, i, w, **blocks))[0]
-      variants["fwd " + json.dumps(blocks)] = median_time(
-          functools.partial(jax.jit(f), values, idx, w), reps)
-    for blocks in BWD_VARIANTS:
-      def b(v, i, w, d, blocks=blocks):
-        dvalues, dw = ops.run(ops.backward_launch(v, i, w, d, **blocks))
-        return dvalues, ops.weight_gradient(dw, i.shape)
-      variants["bwd " + json.dumps(blocks)] = median_time(
-          functools.partial(jax.jit(b), values, idx, w, dout), reps)
+  if kernel_impl is not None:
+    rows[kernel_impl] = attempt(jax_pass_times, *_IMPLS[kernel_impl], values, idx, w, dout, reps)
+  rows["xla"] = attempt(jax_pass_times, *_IMPLS["xla"], values, idx, w, dout, max(3, reps // 3))
+  rows["torch_embedding_bag"] = attempt(torch_pass_times, values, idx, w, dout, reps)
+  variants = attempt(sweep, values, idx, w, dout, reps, run_kernels=run_kernels)
   for row in rows.values():
     for p in ("fwd", "bwd"):
       if f"{p}_s" in row:
@@ -225,9 +256,11 @@ def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, sweep:
         row[f"{p}_per_lookup_GBps"] = bytes_[f"{p}_per_lookup"] / row[f"{p}_s"] / 1e9
         row[f"{p}_unique_of_copy"] = row[f"{p}_unique_GBps"] / copy_GBps
         row[f"{p}_per_lookup_of_copy"] = row[f"{p}_per_lookup_GBps"] / copy_GBps
-  kernel = rows[kernel_impl]
+  kernel = rows.get(kernel_impl, {})
   verdict = {}
   for p, threshold in THRESHOLDS.items():
+    if f"{p}_s" not in kernel:
+      continue
     others = [r[f"{p}_s"] for name, r in rows.items() if name != kernel_impl and f"{p}_s" in r]
     verdict[f"{p}_unique_meets_{threshold:.0%}_of_copy"] = kernel[f"{p}_unique_of_copy"] >= threshold
     verdict[f"{p}_per_lookup_meets_{threshold:.0%}_of_copy"] = (
@@ -237,47 +270,49 @@ def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, sweep:
 
 
 def train_step_times(impls, layers: int, dry: bool, reps: int) -> dict:
+  # Three memory layers spread like the reference's blocks 4, 12 and 20 of 24.
+  memory_layers = [layers - 1] if dry else sorted({round((2 * i + 1) * layers / 6) for i in range(3)})
+  overrides = [f"model.n_layers={layers}", f"model.memory.layers=[{','.join(map(str, memory_layers))}]"]
+  if dry:
+    overrides += ["model.dim=64", "model.n_heads=2", "model.memory.n_keys=16", "model.memory.k_dim=32",
+                  "model.memory.heads=2", "model.memory.knn=4", "train.batch_size=2", "train.seq_len=32"]
+  else:
+    overrides += ["train.batch_size=8", "train.seq_len=1024", "train.grad_accum=1"]
+  results = {impl: attempt(_train_step_time, impl, overrides, reps) for impl in impls}
+  return dict(layers=layers, memory_layers=memory_layers, overrides=overrides, impls=results)
+
+
+def _train_step_time(impl: str, overrides: list[str], reps: int) -> dict:
+  """Median time of the jitted, donated train step (memjax.training.step.jit_train_step)."""
   from memjax import config as config_lib
   from memjax import sharding
   from memjax.training import state as state_lib
   from memjax.training import step as step_lib
 
-  # Three memory layers spread like the reference's blocks 4, 12 and 20 of 24.
-  memory_layers = sorted({round((2 * i + 1) * layers / 6) for i in range(3)})
-  overrides = [f"model.n_layers={layers}", f"model.memory.layers=[{','.join(map(str, memory_layers))}]",
-               "train.batch_size=8", "train.seq_len=1024", "train.grad_accum=1"]
-  if dry:
-    overrides = [f"model.n_layers={layers}", f"model.memory.layers=[{layers - 1}]", "model.dim=64",
-                 "model.n_heads=2", "model.memory.n_keys=16", "model.memory.k_dim=32",
-                 "model.memory.heads=2", "model.memory.knn=4", "train.batch_size=2",
-                 "train.seq_len=32"]
-  results = {}
-  for impl in impls:
-    cfg = config_lib.load(ROOT / "configs" / "pkplus_373m_1024k.yaml",
-                          [*overrides, f"model.memory.impl={impl}"])
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    jitted, _ = step_lib.jit_train_step(cfg, mesh)
-    state = state_lib.create_state(cfg, mesh)
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (cfg.train.batch_size, cfg.train.seq_len + 1),
-                                0, cfg.model.vocab_size, jnp.int32)
-    tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+  cfg = config_lib.load(ROOT / "configs" / "pkplus_373m_1024k.yaml",
+                        [*overrides, f"model.memory.impl={impl}"])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  jitted, _ = step_lib.jit_train_step(cfg, mesh)
+  state = state_lib.create_state(cfg, mesh)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (cfg.train.batch_size, cfg.train.seq_len + 1),
+                              0, cfg.model.vocab_size, jnp.int32)
+  tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+  start = time.perf_counter()
+  state, metrics = jitted(state, tokens)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(reps):
     start = time.perf_counter()
     state, metrics = jitted(state, tokens)
     jax.block_until_ready(metrics)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(reps):
-      start = time.perf_counter()
-      state, metrics = jitted(state, tokens)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-    step_s = float(np.median(times))
-    results[impl] = dict(compile_and_first_step_s=first, step_s=step_s, loss=float(metrics["loss"]),
-                         tokens_per_s=cfg.train.batch_size * cfg.train.seq_len / step_s)
-    del state, metrics, jitted
-    gc.collect()
-  return dict(layers=layers, memory_layers=memory_layers if not dry else [layers - 1],
-              overrides=overrides, impls=results)
+    times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+  result = dict(compile_and_first_step_s=first, step_s=step_s, loss=float(metrics["loss"]),
+                tokens_per_s=cfg.train.batch_size * cfg.train.seq_len / step_s)
+  del state, metrics, jitted
+  gc.collect()
+  return result
 
 
 def print_table(report: dict) -> None:
@@ -298,13 +333,19 @@ def print_table(report: dict) -> None:
             f"{r['bwd_s'] * 1e3:.3f} | {r['bwd_unique_GBps']:.0f} ({r['bwd_unique_of_copy']:.0%}) | "
             f"{r['bwd_per_lookup_GBps']:.0f} |")
     for name, seconds in bw["variants_s"].items():
-      print(f"  variant {name}: {seconds * 1e3:.3f} ms")
+      shown = ("built, not run" if seconds is None else
+               f"{seconds * 1e3:.3f} ms" if isinstance(seconds, float) else str(seconds)[:300])
+      print(f"  variant {name}: {shown}")
     print("verdict:", json.dumps(bw["verdict"]))
   for c in report.get("checks", []):
-    print("check", {k: c[k] for k in ("slots", "dim", "tokens", "bag", "dtype", "out", "dvalues", "dw", "ok")})
+    print("check", {k: c.get(k) for k in ("slots", "dim", "tokens", "bag", "dtype", "out", "dvalues", "dw",
+                                          "ok", "error")})
   train = report.get("train_step")
   if train:
     for impl, r in train["impls"].items():
+      if "step_s" not in r:
+        print(f"train step, {impl}: {r.get('error')}")
+        continue
       print(f"train step ({train['layers']} layers), {impl}: {r['step_s'] * 1e3:.1f} ms, "
             f"{r['tokens_per_s']:.0f} tokens/s, first step {r['compile_and_first_step_s']:.1f} s")
 
@@ -319,8 +360,12 @@ def main() -> None:
   args = parser.parse_args()
   args.out.mkdir(parents=True, exist_ok=True)
   path = args.out / "gpu_check.json"
-  kernel_impl = resolve_impl("auto") if args.dry_run else resolve_impl("triton")
-  report = {"environment": environment(kernel_impl)}
+  try:
+    kernel_impl = resolve_impl("auto") if args.dry_run else resolve_impl("triton")
+    error = None
+  except ValueError as exc:  # still measure the baselines
+    kernel_impl, error = None, str(exc)
+  report = {"environment": dict(environment(kernel_impl), kernel_error=error)}
 
   def save(phase):
     path.write_text(json.dumps(report, indent=2, default=str))
@@ -329,21 +374,22 @@ def main() -> None:
   save("environment")
   report["copy"] = copy_bandwidth((64 << 20) if args.dry_run else (2 << 30), args.reps)
   save("copy bandwidth")
-  report["checks"] = [check(kernel_impl, shape, seed) for seed, shape in
-                      enumerate(DRY_CHECKS if args.dry_run else CHECKS)]
+  report["checks"] = [{**shape, "ok": False, **(attempt(check, kernel_impl, shape, seed)
+                                                   if kernel_impl else {"error": error})}
+                      for seed, shape in enumerate(DRY_CHECKS if args.dry_run else CHECKS)]
   save("checks")
   report["bandwidth"] = bandwidth(kernel_impl, DRY if args.dry_run else PAPER, report["copy"]["GBps"],
-                                  args.reps, sweep=kernel_impl == "triton")
+                                  args.reps, run_kernels=kernel_impl == "triton")
   save("bandwidth")
   if not args.skip_train:
     # The dry run trains with the stand-in impl only: the xla step is the same code, compiled again.
     report["train_step"] = train_step_times(
-        [kernel_impl] if args.dry_run else [kernel_impl, "xla"],
+        [kernel_impl] if args.dry_run else [i for i in (kernel_impl, "xla") if i],
         1 if args.dry_run else args.train_layers, args.dry_run, 3)
     save("train step")
   print_table(report)
   if not all(c["ok"] for c in report["checks"]):
-    raise SystemExit("a correctness check failed; see gpu_check.json")
+    raise SystemExit("a correctness check failed or did not run; see gpu_check.json")
 
 
 if __name__ == "__main__":

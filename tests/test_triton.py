@@ -406,6 +406,8 @@ def test_gpu_check_dry_run_writes_every_phase(tmp_path):
     assert impls[name]["fwd_s"] > 0 and impls[name]["bwd_s"] > 0, (name, impls[name])
     assert 0 < impls[name]["fwd_unique_GBps"] <= impls[name]["fwd_per_lookup_GBps"]
   assert set(report["bandwidth"]["verdict"]) >= {"fwd_beats_baselines", "bwd_unique_meets_40%_of_copy"}
+  variants = report["bandwidth"]["variants_s"]  # built and checked here; timed on a GPU
+  assert len(variants) == 12 and variants.pop("bwd sort_lookups only") > 0, variants
   step = report["train_step"]["impls"][kernel]
   assert step["step_s"] > 0 and np.isfinite(step["loss"])
   assert "| impl | fwd ms |" in proc.stdout

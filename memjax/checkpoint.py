@@ -4,17 +4,68 @@ Layout: `<run_dir>/checkpoints/<step>/{state,data,config}`. Saves are asynchrono
 run while the last one is written); the newest `keep` are kept. A restore checks the saved shapes
 against the model the config builds before reading any array, and names the first parameter that
 differs.
+
+In a multi-process run every process saves and restores: orbax writes each process's shards of
+the state, and `data/` holds one file per data shard, written by the process that reads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
+import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from memjax import config as config_lib
+from memjax.data import DataError
+
+
+class DataShardsHandler(ocp.CheckpointHandler):
+  """The data iterators' state (`memjax.data.ShardGroup`): a JSON file per data shard."""
+
+  def save(self, directory, args: DataShardsSave):
+    count = args.item["shard_count"]
+    for shard, state in args.item["shards"].items():
+      (directory / f"shard_{shard}-of-{count}.json").write_text(json.dumps(state))
+
+  def restore(self, directory, args: DataShardsRestore) -> dict:
+    saved = {
+        (int(m[1]), int(m[2])): path
+        for path in directory.iterdir()
+        if (m := re.fullmatch(r"shard_(\d+)-of-(\d+)\.json", path.name))
+    }
+    counts = {count for _, count in saved}
+    if counts != {args.shard_count}:
+      raise DataError(
+          f"{directory} holds the data order of {sorted(counts)} shards, this run reads "
+          f"{args.shard_count} (data.shards, or one per process when 0): set data.shards="
+          f"{min(counts, default=0)} to continue the saved order"
+      )
+    return {
+        "shard_count": args.shard_count,
+        "shards": {
+            str(i): json.loads(saved[i, args.shard_count].read_text())
+            for i in args.shard_ids
+            if (i, args.shard_count) in saved
+        },
+    }
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_save=True)
+@dataclasses.dataclass
+class DataShardsSave(ocp.args.CheckpointArgs):
+  item: dict  # ShardGroup.get_state()
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_restore=True)
+@dataclasses.dataclass
+class DataShardsRestore(ocp.args.CheckpointArgs):
+  shard_ids: tuple[int, ...]  # the shards this process reads
+  shard_count: int
 
 
 class CheckpointMismatch(ValueError):
@@ -59,7 +110,7 @@ class Checkpointer:
         ),
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
-            "data": ocp.JsonCheckpointHandler(),
+            "data": DataShardsHandler(),
             "config": ocp.JsonCheckpointHandler(),
         },
     )
@@ -73,7 +124,7 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
+            data=DataShardsSave(data_state),
             config=ocp.args.JsonSave(config_lib.to_dict(cfg)),
         ),
         force=force,
@@ -96,16 +147,15 @@ class Checkpointer:
             f"{w_dtype}{list(w_shape)}"
         )
 
-  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
-    """The state (with the shardings of `abstract_state`) and the data-iterator state."""
+  def restore(self, step: int, abstract_state, data_shards=None) -> tuple[Any, dict | None]:
+    """The state (with the shardings of `abstract_state`) and, given `data_shards` (a ShardGroup
+    to restore into: its shard ids and count), the state of those data shards."""
     self.check_fits(step, abstract_state)
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-        ),
-    )
-    return restored["state"], restored["data"]
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_shards is not None:
+      items["data"] = DataShardsRestore(data_shards.shard_ids, data_shards.shard_count)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], restored.get("data")
 
   def saved_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step

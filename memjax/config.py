@@ -297,14 +297,47 @@ class DataConfig:
   tokenizer_path: str = ""  # model file of a sentencepiece or tiktoken tokenizer
   prefetch: int = 2  # batches prepared ahead of the step
   seed: int | None = None  # shuffling; None = the run's seed
+  # Streams the global batch is drawn from, split evenly over the processes; 0 = one per process.
+  # Fixing it (a multiple of every process count you will use) makes the batches, and so the
+  # run, the same whatever the number of processes, and lets a run resume on another count.
+  shards: int = 0
 
   def __post_init__(self):
     _check(self.people >= 1, "people", f"must be >= 1, got {self.people}")
     _check(self.prefetch >= 0, "prefetch", f"must be >= 0, got {self.prefetch}")
+    _check(self.shards >= 0, "shards", f"must be >= 0 (0 = one per process), got {self.shards}")
     if self.source == "tfds":
       _check(bool(self.name), "name", "must name a TFDS dataset when source is 'tfds'")
     if self.source == "files":
       _check(bool(self.path), "path", "must be a glob of text/JSONL files when source is 'files'")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """Multi-process runs (`memjax.distributed`): every process runs the same command."""
+
+  # auto: join when a coordinator is known (below or $JAX_COORDINATOR_ADDRESS) or a multi-process
+  # Cloud TPU, Slurm or Open MPI job is detected; on: always (JAX detects what is not given).
+  initialize: Initialize = "auto"
+  coordinator: str = ""  # host:port of process 0; "" = $JAX_COORDINATOR_ADDRESS or detected
+  num_processes: int = 0  # 0 = detected
+  process_id: int = -1  # -1 = detected
+  timeout: int = 300  # seconds to wait for every process to join
+
+  def __post_init__(self):
+    _check(self.num_processes >= 0, "num_processes", f"must be >= 0 (0 = detected), got {self.num_processes}")
+    _check(self.process_id >= -1, "process_id", f"must be >= 0 or -1 (detected), got {self.process_id}")
+    _check(
+        self.num_processes == 0 or self.process_id < self.num_processes,
+        "process_id",
+        f"must be < num_processes={self.num_processes}, got {self.process_id}",
+    )
+    _check(
+        not self.coordinator or re.fullmatch(r"\[?[\w.:-]+\]?:\d+", self.coordinator) is not None,
+        "coordinator",
+        f"must be host:port, got {self.coordinator!r}",
+    )
+    _check(self.timeout >= 1, "timeout", f"must be >= 1, got {self.timeout}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,12 +364,14 @@ class TrainConfig:
   checkpoint_every: int = 100  # and at the end
   keep_checkpoints: int = 3  # 0 = keep all
   resume: bool = True  # continue from the newest checkpoint in run_dir
+  stop_after: int = 0  # end this invocation after N steps, with a checkpoint (0 = run to `steps`)
   tensorboard: bool = True  # event files beside metrics.jsonl
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
                  "eval_batches", "checkpoint_every", "nan_patience"):
       _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+    _check(self.stop_after >= 0, "stop_after", f"must be >= 0, got {self.stop_after}")
     _check(self.keep_checkpoints >= 0, "keep_checkpoints", f"must be >= 0, got {self.keep_checkpoints}")
     _check(
         self.batch_size % self.grad_accum == 0,
@@ -359,6 +394,7 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   seed: int = 0  # parameter initialisation, dropout and data order
 
   def __post_init__(self):
@@ -367,6 +403,11 @@ class Config:
         "mesh.memory",
         f"must divide the value dim {self.model.value_dim} (the table's columns are split over "
         f"it), got {self.mesh.memory}",
+    )
+    _check(
+        self.data.shards == 0 or self.train.batch_size % self.data.shards == 0,
+        "data.shards",
+        f"must divide train.batch_size={self.train.batch_size}, got {self.data.shards}",
     )
     _check(
         self.train.seq_len <= self.model.max_seqlen,

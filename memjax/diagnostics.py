@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from memjax.model import Transformer, split_for_inference
 
@@ -151,7 +152,8 @@ class MemoryUsage:
     """Flat metrics for logging (see the module docstring); empty before the first read."""
     if self.tokens == 0:
       return {}
-    counts, weights = jax.device_get((self.counts, self.weights))
+    # A multi-process run's histograms may span other processes' devices.
+    counts, weights = multihost_utils.process_allgather((self.counts, self.weights), tiled=True)
     out = {"memory/tokens": float(self.tokens)}
     for i in self.layers:
       prefix = f"memory/layer{i}"

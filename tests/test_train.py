@@ -69,7 +69,8 @@ def test_cli_trains_evaluates_saves_and_generates(tmp_path, data_dir, capsys):
 def test_a_stopped_and_resumed_run_repeats_the_uninterrupted_one_bitwise(tmp_path, data_dir):
   cfg = smoke_config(data_dir, "train.eval_every=100")
   loop.run(cfg, tmp_path / "whole", log=lambda _: None)
-  loop.run(cfg, tmp_path / "parts", log=lambda _: None, stop_after=4)
+  loop.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=4)),
+           tmp_path / "parts", log=lambda _: None)
   assert sorted(logged(tmp_path / "parts", "train/loss")) == [1, 2, 3, 4]
   loop.run(cfg, tmp_path / "parts", log=lambda _: None)
   assert logged(tmp_path / "parts", "train/loss") == logged(tmp_path / "whole", "train/loss")

@@ -29,7 +29,7 @@ from memjax.data.knowledge import (
     probe_ids,
     probes,
 )
-from memjax.data.pipeline import eval_batches, make_batches
+from memjax.data.pipeline import ShardGroup, eval_batches, make_batches, make_shard_group
 from memjax.data.sources import (
     DataError,
     DocumentSource,
@@ -47,9 +47,10 @@ from memjax.data.tokenizers import (
 )
 
 __all__ = [
-    "ATTRIBUTES", "BOS", "EOS", "ByteTokenizer", "DataError", "DocumentSource", "Person", "Probe",
-    "SentencePieceTokenizer", "TOKENIZER_KINDS", "TiktokenTokenizer", "Tokenizer", "biographies",
-    "biography", "build_knowledge_dataset", "chance_level", "dataset_name", "default_globs",
-    "eval_batches", "file_source", "make_batches", "make_people", "make_tokenizer", "probe_ids",
-    "probes", "random_windows", "read_corpus", "split_heldout", "tfds_source",
+    "ATTRIBUTES", "BOS", "ByteTokenizer", "DataError", "DocumentSource", "EOS", "Person", "Probe",
+    "SentencePieceTokenizer", "ShardGroup", "TOKENIZER_KINDS", "TiktokenTokenizer", "Tokenizer",
+    "biographies", "biography", "build_knowledge_dataset", "chance_level", "dataset_name",
+    "default_globs", "eval_batches", "file_source", "make_batches", "make_people",
+    "make_shard_group", "make_tokenizer", "probe_ids", "probes", "random_windows", "read_corpus",
+    "split_heldout", "tfds_source",
 ]

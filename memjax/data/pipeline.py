@@ -15,16 +15,19 @@ Resuming. The iterator's `get_state()` is a small JSON-serialisable dict (the gr
 document reader plus an offset into the current document); `set_state` on a fresh iterator of
 the same pipeline continues with exactly the batches the saved one would have produced next.
 
-Sharding. Process `shard_index` of `shard_count` reads documents shard_index, shard_index +
+Sharding. Shard `shard_index` of `shard_count` reads documents shard_index, shard_index +
 shard_count, ...: the shards are disjoint and together hold every document. Each shuffles its own
-documents, anew each epoch, from `seed`.
+documents, anew each epoch, from `seed`. A global batch takes an equal block of rows from every
+shard, in shard order; a process reads the shards of its block of rows side by side
+(`ShardGroup`), so the global batches depend on the shard count only, not on how many processes
+share the shards.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -162,6 +165,76 @@ def make_batches(
   if prefetch:
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
   return iter(batches)
+
+
+class ShardGroup:
+  """Several shards' batch iterators read side by side: each batch stacks one batch of each.
+
+  Its state holds every shard's iterator state by shard id, so that a checkpoint can store each
+  shard on its own and a run with another split of the same shards over processes can resume.
+  """
+
+  def __init__(self, iterators: dict[int, grain.DatasetIterator], shard_count: int):
+    if not iterators or not all(0 <= i < shard_count for i in iterators):
+      raise ValueError(f"shard ids must be in [0, {shard_count}), got {sorted(iterators)}")
+    self._iterators = dict(sorted(iterators.items()))
+    self.shard_count = shard_count
+
+  @property
+  def shard_ids(self) -> tuple[int, ...]:
+    return tuple(self._iterators)
+
+  def __iter__(self) -> ShardGroup:
+    return self
+
+  def __next__(self) -> np.ndarray:
+    return np.concatenate([next(it) for it in self._iterators.values()])
+
+  def get_state(self) -> dict[str, Any]:
+    return {
+        "shard_count": self.shard_count,
+        "shards": {str(i): it.get_state() for i, it in self._iterators.items()},
+    }
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state.get("shard_count") != self.shard_count:
+      raise DataError(
+          f"the saved data state splits the data into {state.get('shard_count')} shards, this run "
+          f"into {self.shard_count}: set data.shards={state.get('shard_count')} to continue the "
+          "saved order"
+      )
+    missing = [i for i in self._iterators if str(i) not in state["shards"]]
+    if missing:
+      raise DataError(f"the saved data state lacks shards {missing}")
+    for i, it in self._iterators.items():
+      it.set_state(state["shards"][str(i)])
+
+  def close(self) -> None:
+    for it in self._iterators.values():
+      if hasattr(it, "close"):
+        it.close()
+
+
+def make_shard_group(
+    source: DocumentSource,
+    tokenizer: Tokenizer,
+    *,
+    rows_per_shard: int,
+    shard_ids: Sequence[int],
+    shard_count: int,
+    **kwargs,
+) -> ShardGroup:
+  """`make_batches` for each of `shard_ids`, read side by side; kwargs go to `make_batches`."""
+  return ShardGroup(
+      {
+          i: make_batches(
+              source, tokenizer, batch_size=rows_per_shard, shard_index=i,
+              shard_count=shard_count, **kwargs,
+          )
+          for i in shard_ids
+      },
+      shard_count,
+  )
 
 
 def eval_batches(

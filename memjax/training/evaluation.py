@@ -8,6 +8,7 @@ position, the argmax next token given the prompt and the answer so far is the an
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -79,8 +80,14 @@ def fact_recall(
   return out
 
 
-def make_forward(graphdef: nnx.GraphDef) -> Callable:
-  @jax.jit
+def make_forward(graphdef: nnx.GraphDef, out_sharding=None) -> Callable:
+  """Jitted `forward(params, other, tokens_BT) -> logits_BTW`, dropout off.
+
+  `out_sharding` places the logits; a multi-process run asks for them replicated, since the host
+  reads them whole.
+  """
+
+  @functools.partial(jax.jit, out_shardings=out_sharding)
   def forward(params, other, tokens_BT):
     model = nnx.merge(graphdef, params, other)
     return nnx.view(model, deterministic=True, raise_if_not_found=False)(tokens_BT)

@@ -28,7 +28,7 @@ HELDOUT_ORDER_SEED = 1
 @dataclasses.dataclass
 class Inputs:
   tokenizer: data.Tokenizer
-  train: object  # grain iterator: next() -> int32 (local batch, seq_len + 1); get/set_state
+  train: data.ShardGroup  # next() -> int32 (local batch, seq_len + 1); get/set_state
   eval_batches: list[np.ndarray]
   probes: list[data.Probe]
   chance: dict[str, float]
@@ -57,7 +57,27 @@ def _spread(items: list, n: int) -> list:
   return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
-def make_inputs(cfg: Config, shard_index: int = 0, shard_count: int = 1) -> Inputs:
+def data_shards(cfg: Config, process_index: int, process_count: int) -> tuple[int, range]:
+  """The shard count and the shards this process reads (a contiguous block: its rows)."""
+  count = cfg.data.shards or process_count
+  if count % process_count:
+    raise ConfigError(
+        "data.shards",
+        f"must be a multiple of the {process_count} processes (each reads an equal share), got "
+        f"{cfg.data.shards}",
+    )
+  if cfg.train.batch_size % count:
+    raise ConfigError(
+        "train.batch_size",
+        f"must be a multiple of the {count} data shards (one per process unless data.shards is "
+        f"set), got {cfg.train.batch_size}",
+    )
+  per_process = count // process_count
+  return count, range(process_index * per_process, (process_index + 1) * per_process)
+
+
+def make_inputs(cfg: Config, process_index: int = 0, process_count: int = 1) -> Inputs:
+  """This process's share of the data: its shards' train batches and eval batches."""
   d, train = cfg.data, cfg.train
   tokenizer = data.make_tokenizer(d.tokenizer, d.tokenizer_path or None)
   if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -66,7 +86,8 @@ def make_inputs(cfg: Config, shard_index: int = 0, shard_count: int = 1) -> Inpu
         f"must be >= the {tokenizer.name} tokenizer's {tokenizer.vocab_size} ids, got "
         f"{cfg.model.vocab_size}",
     )
-  local_batch = train.batch_size // shard_count
+  shard_count, shard_ids = data_shards(cfg, process_index, process_count)
+  rows_per_shard = train.batch_size // shard_count
   seed = cfg.seed if d.seed is None else d.seed
   probes: list[data.Probe] = []
   chance: dict[str, float] = {}
@@ -89,14 +110,21 @@ def make_inputs(cfg: Config, shard_index: int = 0, shard_count: int = 1) -> Inpu
     source = data.file_source(d.path, d.text_key)
     heldout = data.file_source(d.eval_path, d.text_key) if d.eval_path else None
     description = f"files {d.path}"
-  iterator = data.make_batches(
-      source, tokenizer, batch_size=local_batch, seq_len=train.seq_len, seed=seed,
-      shard_index=shard_index, shard_count=shard_count, prefetch=d.prefetch,
+  iterator = data.make_shard_group(
+      source, tokenizer, rows_per_shard=rows_per_shard, shard_ids=shard_ids,
+      shard_count=shard_count, seq_len=train.seq_len, seed=seed, prefetch=d.prefetch,
   )
   eval_batches = []
   if heldout is not None:
-    eval_batches = data.eval_batches(
-        heldout, tokenizer, batch_size=local_batch, seq_len=train.seq_len,
-        num_batches=train.eval_batches, shard_index=shard_index, shard_count=shard_count,
-    )
-  return Inputs(tokenizer, iterator, eval_batches, probes, chance, f"{description}, {len(source):,} documents")
+    per_shard = [
+        data.eval_batches(
+            heldout, tokenizer, batch_size=rows_per_shard, seq_len=train.seq_len,
+            num_batches=train.eval_batches, shard_index=i, shard_count=shard_count,
+        )
+        for i in shard_ids
+    ]
+    eval_batches = [np.concatenate(rows) for rows in zip(*per_shard)]
+  description += f", {len(source):,} documents"
+  if shard_count > 1:
+    description += f"; reads data shards {shard_ids.start}-{shard_ids.stop - 1} of {shard_count}"
+  return Inputs(tokenizer, iterator, eval_batches, probes, chance, description)

@@ -21,8 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from memjax import checkpoint as checkpoint_lib
+from memjax import distributed
 from memjax import sharding
 from memjax.config import Config, ConfigError
+from memjax.data import DataError
 from memjax.training import evaluation, inputs as inputs_lib, step as step_lib
 from memjax.training import state as state_lib
 from memjax.training.metrics import MetricsWriter
@@ -69,7 +71,9 @@ def setup(
       run_dir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints
   )
   latest = checkpointer.latest_step()
-  data_state = None
+  inputs = inputs_lib.make_inputs(
+      cfg, process_index=jax.process_index(), process_count=jax.process_count()
+  )
   if latest is not None:
     if not cfg.train.resume:
       checkpointer.close()
@@ -80,18 +84,15 @@ def setup(
       )
     abstract = state_lib.abstract_state(cfg, mesh)
     try:
-      state, data_state = checkpointer.restore(latest, abstract)
-    except checkpoint_lib.CheckpointMismatch:
+      state, data_state = checkpointer.restore(latest, abstract, inputs.train)
+      inputs.train.set_state(data_state)
+    except (checkpoint_lib.CheckpointMismatch, DataError):
       checkpointer.close()
+      inputs.train.close()
       raise
     log(f"resumed from {checkpointer.directory / str(latest)}")
   else:
     state = state_lib.create_state(cfg, mesh)
-  inputs = inputs_lib.make_inputs(
-      cfg, shard_index=jax.process_index(), shard_count=jax.process_count()
-  )
-  if data_state is not None:
-    inputs.train.set_state(data_state)
   return Run(cfg, run_dir, mesh, state, inputs, checkpointer, int(state.step))
 
 
@@ -121,7 +122,8 @@ def _global_batch(run: Run, local_BT1: np.ndarray) -> jax.Array:
 def evaluate(run: Run, eval_step, forward) -> dict[str, float]:
   state, inputs, cfg = run.state, run.inputs, run.cfg
   usage = evaluation.memory_usage_for(cfg)
-  metrics = evaluation.eval_loss(eval_step, state.params, state.other, inputs.eval_batches, usage)
+  batches = [_global_batch(run, batch) for batch in inputs.eval_batches]
+  metrics = evaluation.eval_loss(eval_step, state.params, state.other, batches, usage)
   if inputs.probes:
     metrics.update(
         evaluation.fact_recall(
@@ -151,35 +153,43 @@ def _eval_lines(metrics: dict[str, float]) -> list[str]:
   return lines
 
 
+def _quiet(line: str) -> None:
+  del line
+
+
 def run(
-    cfg: Config, run_dir: str | pathlib.Path, log: Callable[[str], None] = print,
-    stop_after: int | None = None,
+    cfg: Config, run_dir: str | pathlib.Path, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
   """Trains `cfg` in `run_dir` (resuming when it holds checkpoints); returns the final metrics.
 
-  `stop_after` ends this invocation after that many steps with a checkpoint, as a time-limited
-  job would; running again continues where it stopped.
+  `train.stop_after` ends this invocation after that many steps with a checkpoint, as a
+  time-limited job would; running again continues where it stopped.
   """
+  joined = distributed.initialize(cfg.distributed)
+  if jax.process_index() != 0:
+    log = _quiet  # every process computes the same global figures; the first one reports them
+  if joined:
+    log(f"distributed: {joined}")
   run_dir = pathlib.Path(run_dir)
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):  # the memory layers read it to split the lookup over `memory`
-    return _run(cfg, run_dir, mesh, log, stop_after)
+    return _run(cfg, run_dir, mesh, log)
 
 
 def _run(
-    cfg: Config, run_dir: pathlib.Path, mesh: jax.sharding.Mesh, log: Callable[[str], None],
-    stop_after: int | None,
+    cfg: Config, run_dir: pathlib.Path, mesh: jax.sharding.Mesh, log: Callable[[str], None]
 ) -> dict[str, Any]:
   run = setup(cfg, run_dir, mesh, log)
   graphdef = state_lib.model_graphdef(cfg)
   compiled, memory_line = compile_train_step(run)
   log(memory_line)
   eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
-  forward = evaluation.make_forward(graphdef)
+  forward = evaluation.make_forward(graphdef, out_sharding=sharding.replicated(run.mesh))
   n_params = sum(x.size for x in jax.tree.leaves(run.state.params))
   log(f"model: {n_params / 1e6:.2f}M parameters; data: {run.inputs.description}; run dir: {run_dir}")
 
-  writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard)
+  primary = jax.process_index() == 0
+  writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, primary=primary)
   train = cfg.train
   tokens_per_step = train.batch_size * train.seq_len
   final: dict[str, Any] = {}
@@ -192,9 +202,10 @@ def _run(
     interactive = sys.stderr.isatty()
     with tqdm(
         total=train.steps, initial=run.start_step, unit="step", dynamic_ncols=True,
-        mininterval=0.5 if interactive else 30.0,
+        mininterval=0.5 if interactive else 30.0, disable=not primary,
     ) as bar:
-      last = train.steps if stop_after is None else min(train.steps, run.start_step + stop_after)
+      say = bar.write if primary else _quiet
+      last = min(train.steps, run.start_step + train.stop_after) if train.stop_after else train.steps
       for step in range(run.start_step + 1, last + 1):
         batch = _global_batch(run, next(run.inputs.train))
         run.state, metrics = compiled(run.state, batch)
@@ -219,7 +230,7 @@ def _run(
           last_loss = logged["train/loss"]
           bar.set_postfix(loss=f"{logged['train/loss']:.3f}", tok_s=f"{rate:,.0f}")
           if not interactive:  # a log file gets a line per log_every; a terminal has the bar
-            bar.write(f"step {step}: loss {logged['train/loss']:.4f} ({rate:,.0f} tokens/s)")
+            say(f"step {step}: loss {logged['train/loss']:.4f} ({rate:,.0f} tokens/s)")
         if int(run.state.bad_steps) >= train.nan_patience:
           raise NonFiniteLoss(
               f"{train.nan_patience} steps in a row had a non-finite loss or gradient (step "
@@ -230,7 +241,7 @@ def _run(
           final = evaluate(run, eval_step, forward)
           writer.write(step, final)
           for line in _eval_lines(final):
-            bar.write(f"step {step}: {line}")
+            say(f"step {step}: {line}")
         run.checkpointer.save(
             step, run.state, run.inputs.train.get_state(), cfg, force=step == last
         )

@@ -1,7 +1,7 @@
 """Pallas TPU kernels for the memory lookup: the `pallas_tpu` impl of `memjax.ops.embedding_bag`.
 
 `embedding_bag.py` holds the three kernels (forward gather-sum, weight-gradient gather-dot,
-row-sorted table gradient) and their design note; `ops.py` fits them to the op's contract. On a
+row-sorted table gradient after an XLA sort) and their design note; `ops.py` fits them to the op's contract. On a
 TPU they compile through Mosaic; on any other platform they run in Pallas's TPU interpret mode,
 slowly but with the same copies and sums, which is how the tests check them against the `xla`
 impl on CPU.
@@ -9,7 +9,13 @@ impl on CPU.
 
 from __future__ import annotations
 
-from pallas_kernels.tpu.embedding_bag import gather_bag, gather_dot, sort_by_row, sorted_row_grad
+from pallas_kernels.tpu.embedding_bag import (
+    gather_bag,
+    gather_dot,
+    sort_by_row,
+    sorted_row_grad,
+    table_grad,
+)
 from pallas_kernels.tpu.ops import bag_backward, bag_forward
 
 __all__ = [
@@ -20,6 +26,7 @@ __all__ = [
     "register",
     "sort_by_row",
     "sorted_row_grad",
+    "table_grad",
 ]
 
 

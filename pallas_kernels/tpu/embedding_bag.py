@@ -74,6 +74,11 @@ def _check_positive(**kwargs: int) -> None:
       raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _out_shape(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+  """An output varying over the shard_map axes that `like` varies over (none outside one)."""
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
 def _check_table(values_SV: jax.Array) -> None:
   if values_SV.ndim != 2 or values_SV.dtype not in _TABLE_DTYPES:
     raise TypeError(
@@ -269,7 +274,7 @@ def gather_bag(
   token_block = pl.BlockSpec((block_tokens, bag_pad), lambda i, c: (i, 0))
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((tokens_pad, dim), jnp.float32),
+      out_shape=_out_shape((tokens_pad, dim), jnp.float32, idx_NK),
       grid=grid,
       in_specs=[
           pl.BlockSpec((block_tokens, bag_pad), lambda i, c: (i, 0), memory_space=pltpu.SMEM),
@@ -316,7 +321,7 @@ def gather_dot(
   )
   dout_NV = jnp.pad(dout_NV.astype(jnp.float32), ((0, tokens_pad - n_tokens), (0, 0)))
   if not packed:
-    odd_NK = jnp.zeros((tokens_pad, bag_pad), jnp.float32)  # unused
+    odd_NK = jnp.zeros_like(idx_NK, jnp.float32)  # unused
 
   def kernel(idx_smem, odd_vmem, dout_vmem, values_hbm, dw_vmem, rows_vmem, sems):
     @pl.when(pl.program_id(1) == 0)
@@ -342,7 +347,7 @@ def gather_dot(
 
   dw = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((tokens_pad, bag_pad), jnp.float32),
+      out_shape=_out_shape((tokens_pad, bag_pad), jnp.float32, idx_NK),
       grid=grid,
       in_specs=[
           pl.BlockSpec((block_tokens, bag_pad), lambda i, c: (i, 0), memory_space=pltpu.SMEM),
@@ -392,45 +397,58 @@ def sort_by_row(idx_NK: jax.Array, w_NK: jax.Array, n_slots: int, *, block_rows:
   )
 
 
-def sorted_row_grad(
+def table_grad(
     idx_NK: jax.Array, w_NK: jax.Array, dout_NV: jax.Array, n_slots: int, dtype, *,
     block_rows: int = 256, chunk: int = 128, block_dim: int | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
-  """dvalues[s] = sum over (t, k) with idx[t, k] == s of w[t, k] * dout[t]; every row written once.
+  """dvalues[s] = sum over (t, k) with idx[t, k] == s of w[t, k] * dout[t]: `sort_by_row` in
+  XLA, then the `sorted_row_grad` kernel. Arguments as theirs; returns (S, V) in `dtype`."""
+  _check_positive(block_rows=block_rows, chunk=chunk)
+  if chunk % LANES:
+    raise ValueError(f"chunk must be a multiple of {LANES}, got {chunk}")
+  if block_rows % 16:
+    raise ValueError(f"block_rows must be a multiple of 16 (bfloat16 sublanes), got {block_rows}")
+  block_rows = min(block_rows, n_slots)
+  rows_CE, tok_CE, w_CE, starts = sort_by_row(idx_NK, w_NK, n_slots, block_rows=block_rows,
+                                              chunk=chunk)
+  return sorted_row_grad(rows_CE, tok_CE, w_CE, starts, dout_NV, n_slots, dtype,
+                         block_rows=block_rows, block_dim=block_dim, interpret=interpret)
+
+
+def sorted_row_grad(
+    rows_CE: jax.Array, tok_CE: jax.Array, w_CE: jax.Array, starts: jax.Array,
+    dout_NV: jax.Array, n_slots: int, dtype, *, block_rows: int, block_dim: int | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
+  """The table gradient from `sort_by_row`'s output; every row of it written once.
 
   Args:
-    idx_NK: (N, K) integer ids; out-of-range ids add nothing.
-    w_NK: (N, K) float weights.
-    dout_NV: (N, V) output cotangent; stays in HBM (pl.ANY) as float32, one row tile per DMA.
+    rows_CE, tok_CE, w_CE: (C, chunk) int32 rows, int32 tokens and float32 weights of the
+      entries in row order; stay in HBM (pl.ANY) and are copied a chunk (a multiple of 128) at a
+      time: tokens to SMEM, rows and weights to VMEM, two rounds of each.
+    starts: (ceil(S / block_rows) + 1,) int32 block starts, scalar-prefetched to SMEM.
+    dout_NV: (N, V) output cotangent; stays in HBM (pl.ANY) as float32, one row tile per DMA,
+      two VMEM buffers of (chunk, block_dim).
     n_slots: S, the table's rows; the last block may be partial.
     dtype: the gradient's dtype (the table's): float32 or bfloat16.
-    block_rows: gradient rows per grid step (a multiple of 16, or S if larger); their float32
-      (block_rows, block_dim) sum lives in VMEM.
-    chunk: sorted entries per copy round (a multiple of 128): two VMEM buffers of (chunk,
-      block_dim) float32 dOut rows; tokens in SMEM, rows and weights in VMEM, two rounds each.
-      The block starts, (ceil(S / block_rows) + 1,) int32, are scalar-prefetched to SMEM.
+    block_rows: gradient rows per grid step (a multiple of 16, or S), as given to `sort_by_row`;
+      their float32 (block_rows, block_dim) sum lives in VMEM.
     block_dim: columns per grid step, as for `gather_bag` (default all of V up to 1024).
     interpret: as for `gather_bag`.
 
   Returns:
     (S, V) in `dtype`.
   """
-  n_tokens, bag = idx_NK.shape
+  chunk = rows_CE.shape[1]
   dim = dout_NV.shape[1]
-  _check_positive(block_rows=block_rows, chunk=chunk)
   if jnp.dtype(dtype) not in _TABLE_DTYPES:
     raise TypeError(f"the gradient dtype must be float32 or bfloat16, got {dtype}")
-  if chunk % LANES:
-    raise ValueError(f"chunk must be a multiple of {LANES}, got {chunk}")
-  if block_rows % 16:
-    raise ValueError(f"block_rows must be a multiple of 16 (bfloat16 sublanes), got {block_rows}")
-  block_rows = min(block_rows, n_slots)
+  if starts.shape != (-(-n_slots // block_rows) + 1,):
+    raise ValueError(f"starts {starts.shape} do not match {n_slots} rows in blocks of {block_rows}")
   block_dim = _check_block_dim(dim, block_dim, cap=1024)
-  rows_CE, tok_CE, w_CE, starts = sort_by_row(idx_NK, w_NK, n_slots, block_rows=block_rows,
-                                              chunk=chunk)
   dout_NV = dout_NV.astype(jnp.float32)
-  n_entries = n_tokens * bag
+  n_entries = rows_CE.size
 
   def kernel(starts_smem, rows_hbm, tok_hbm, w_hbm, dout_hbm, dv_vmem,
              acc_vmem, tok_smem, rows_vmem, w_vmem, dout_vmem, meta_sems, dout_sems):
@@ -514,7 +532,7 @@ def sorted_row_grad(
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((n_slots, dim), dtype),
+      out_shape=_out_shape((n_slots, dim), dtype, rows_CE),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(n_blocks, dim // block_dim),

@@ -15,7 +15,27 @@ _NATIVE_TABLES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _NATIVE_FLOATS = (*_NATIVE_TABLES, jnp.dtype(jnp.float16))
 
 
-def _by_platform(kernel, *args, **kwargs):
+def _varying_axes(*arrays: jax.Array) -> set:
+  axes = set()
+  for a in arrays:
+    manual = jax.typeof(a).manual_axis_type
+    axes |= set(manual.varying) if manual is not None else set()
+  return axes
+
+
+def _interpreted(kernel, twin, *args, **kwargs):
+  """`kernel` in interpret mode; inside shard_map, its pure-JAX twin.
+
+  Pallas's plain interpreter loses its operands' varying-axes types inside shard_map, which
+  jax 0.10 rejects, and the TPU interpreter's callbacks cannot sit in `platform_dependent`; so a
+  sharded lookup off TPU computes the same sums with XLA ops. On TPU the kernels run everywhere.
+  """
+  if _varying_axes(*args):
+    return twin(*args, **kwargs)
+  return kernel(*args, interpret=True, **kwargs)
+
+
+def _by_platform(kernel, twin, *args, **kwargs):
   """`kernel` compiled by Mosaic where the lowering platform is TPU, interpreted elsewhere.
 
   The choice is made when lowering, so one traced program serves both (an ahead-of-time compile
@@ -26,7 +46,7 @@ def _by_platform(kernel, *args, **kwargs):
   return jax.lax.platform_dependent(
       *args,
       tpu=functools.partial(kernel, interpret=False, **kwargs),
-      default=functools.partial(kernel, interpret=True, **kwargs),
+      default=functools.partial(_interpreted, kernel, twin, **kwargs),
   )
 
 
@@ -40,7 +60,7 @@ def bag_forward(values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -> jax
   n_tokens, bag = idx_NK.shape
   if not _native(values_SV, w_NK) or n_tokens == 0 or bag == 0:
     return bag_forward_xla(values_SV, idx_NK, w_NK)
-  return _by_platform(kernels.gather_bag, values_SV, idx_NK, w_NK)
+  return _by_platform(kernels.gather_bag, bag_forward_xla, values_SV, idx_NK, w_NK)
 
 
 def bag_backward(
@@ -51,9 +71,10 @@ def bag_backward(
   n_tokens, bag = idx_NK.shape
   if not _native(values_SV, w_NK, dout_NV) or n_tokens == 0 or bag == 0:
     return bag_backward_xla(values_SV, idx_NK, w_NK, dout_NV)
-  dvalues_SV = _by_platform(
-      kernels.sorted_row_grad, idx_NK, w_NK, dout_NV, n_slots=values_SV.shape[0],
-      dtype=values_SV.dtype,
-  )
-  dw_NK = _by_platform(kernels.gather_dot, values_SV, idx_NK, dout_NV)
+  dtype = values_SV.dtype
+  table_twin = lambda idx, w, dout, **_: bag_backward_xla(values_SV, idx, w, dout)[0].astype(dtype)
+  weights_twin = lambda values, idx, dout: bag_backward_xla(values, idx, w_NK, dout)[1]
+  dvalues_SV = _by_platform(kernels.table_grad, table_twin, idx_NK, w_NK, dout_NV,
+                            n_slots=values_SV.shape[0], dtype=dtype)
+  dw_NK = _by_platform(kernels.gather_dot, weights_twin, values_SV, idx_NK, dout_NV)
   return dvalues_SV, dw_NK

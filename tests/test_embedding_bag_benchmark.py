@@ -1,0 +1,25 @@
+"""benchmarks/embedding_bag.py runs at a toy size, times every impl here and writes its JSON."""
+
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import embedding_bag as bench  # noqa: E402
+
+
+def test_benchmark_smoke(tmp_path, capsys):
+  out = tmp_path / "bag.json"
+  assert bench.main(["--slots", "512", "--dim", "128", "--tokens", "64", "--bag", "16",
+                     "--repeats", "1", "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert "xla" in result["impls"] and "pallas_tpu" not in result["impls"]  # CPU: no interpret timing
+  floor = result["floor_bytes"]
+  # The forward must read 64 x 16 rows of 128 float32s; the backward adds the dense gradient.
+  assert floor["forward"] >= 64 * 16 * 128 * 4
+  assert floor["backward"] >= floor["forward"] + 512 * 128 * 4
+  for row in result["impls"].values():
+    assert row["forward_s"] > 0 and row["backward_s"] > 0
+  assert result["impls"]["xla"]["forward_compiled_bytes"] > 0
+  assert "| xla |" in capsys.readouterr().out

@@ -1,0 +1,206 @@
+"""pallas_kernels.tpu: the `pallas_tpu` lookup equals the `xla` one in interpret mode on CPU, and its
+kernels compile through libtpu (Mosaic) for v5e, v5p and v6e at the paper's per-device shapes."""
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from memjax import aot, config
+from memjax.ops import embedding_bag
+from memjax.ops.memory_parallel import sharded_embedding_bag
+from pallas_kernels.tpu import embedding_bag as kernels
+from test_aot import needs_libtpu
+from test_memory_parallel import AXES, make_mesh, placed
+
+
+def case(seed, slots, dim, tokens, bag, dup_pool=None, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  pool = np.arange(slots) if dup_pool is None else rng.choice(slots, size=dup_pool)
+  idx = rng.choice(pool, size=(tokens, bag)).astype(np.int32)
+  idx.flat[: min(2, idx.size)] = [0, slots - 1][: min(2, idx.size)]  # the first and last rows
+  values = jnp.asarray(rng.standard_normal((slots, dim)), dtype)
+  w = jnp.asarray(rng.standard_normal((tokens, bag)), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal((tokens, dim)), jnp.float32)
+  return values, jnp.asarray(idx), w, cot
+
+
+def lookup_and_grads(impl, values, idx, w, cot):
+  loss = lambda v, w: jnp.sum(embedding_bag(v, idx, w, impl=impl) * cot)
+  out = jax.jit(functools.partial(embedding_bag, impl=impl))(values, idx, w)
+  return (out, *jax.jit(jax.grad(loss, argnums=(0, 1)))(values, w))
+
+
+def term_scales(values, idx, w, cot):
+  """The largest |term| of each result: sums of signed terms may cancel far below it."""
+  a = jnp.abs(values.astype(jnp.float32))
+  out = jnp.einsum("nk,nkv->nv", jnp.abs(w), a[idx]).max()
+  dvalues = jnp.zeros_like(a).at[idx.reshape(-1)].add(
+      (jnp.abs(w)[..., None] * jnp.abs(cot)[:, None, :]).reshape(-1, a.shape[1])).max()
+  dw = jnp.einsum("nv,nkv->nk", jnp.abs(cot), a[idx]).max()
+  return [float(out), float(dvalues), float(dw)]
+
+
+def assert_close(got, want, rel, scale):
+  err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max(initial=0.0)
+  assert err <= rel * scale + 1e-30, f"error {err:.3g} over {rel:.1g} x scale {scale:.3g}"
+
+
+@st.composite
+def shapes(draw):
+  """Rows 8..2^16, dims 128..1024, tokens 1..512, bag 1..256, drawn small-first (interpret mode
+  runs every row copy as an XLA op), the table kept under 16 MiB."""
+  dim = draw(st.sampled_from([128, 256, 1024]))
+  slots = draw(st.one_of(st.integers(8, 600), st.sampled_from([2**12 + 1, 2**16])))
+  hypothesis.assume(slots * dim <= 2**22)
+  tokens = draw(st.one_of(st.integers(1, 40), st.integers(41, 512)))
+  bag = draw(st.one_of(st.integers(1, 24), st.integers(25, 256)))
+  hypothesis.assume(tokens * bag <= 2**12)
+  return slots, dim, tokens, bag
+
+
+@hypothesis.settings(max_examples=4, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.filter_too_much])
+@hypothesis.given(
+    shape=shapes(),
+    seed=st.integers(0, 2**16),
+    dup_pool=st.sampled_from([None, 1, 3]),  # 1 and 3: every bag repeats one to three rows
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+)
+@hypothesis.example(shape=(2**16, 128, 512, 8), seed=1, dup_pool=None, dtype=jnp.bfloat16)
+@hypothesis.example(shape=(8, 1024, 2, 256), seed=2, dup_pool=3, dtype=jnp.float32)
+def test_lookup_and_gradients_equal_the_xla_impl(shape, seed, dup_pool, dtype):
+  values, idx, w, cot = case(seed, *shape, dup_pool=dup_pool, dtype=dtype)
+  got = lookup_and_grads("pallas_tpu", values, idx, w, cot)
+  want = lookup_and_grads("xla", values, idx, w, cot)
+  assert got[1].dtype == dtype  # the table gradient in the table's dtype
+  # float32: both sum in float32 in other orders. bfloat16: the rows enter exactly, but each
+  # impl rounds its table gradient to bfloat16 once.
+  rels = (1e-6, 1e-6 if dtype == jnp.float32 else 2**-8, 1e-6)
+  for g, w_, rel, scale in zip(got, want, rels, term_scales(values, idx, w, cot)):
+    assert_close(g, w_, rel, scale)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_under_the_tpu_interpreter(dtype):
+  """Pallas's TPU interpreter simulates the DMAs and semaphores, fills fresh VMEM with NaNs and
+  raises on reads outside a buffer: the padding is zeroed and every copy stays in bounds."""
+  values, idx, w, cot = case(3, 301, 256, 19, 5, dup_pool=4, dtype=dtype)
+  idx = idx.at[0, 2].set(-4).at[1, 3].set(301)  # out of range: the edge rows, no table gradient
+  params = pltpu.InterpretParams(random_seed=0)
+  out = kernels.gather_bag(values, idx, w, block_tokens=8, interpret=params)
+  dw = kernels.gather_dot(values, idx, cot, block_tokens=8, interpret=params)
+  dvalues = kernels.table_grad(idx, w, cot, 301, dtype, block_rows=32, interpret=params)
+  want = lookup_and_grads("xla", values, idx, w, cot)
+  scales = term_scales(values, jnp.clip(idx, 0, 300), w, cot)
+  assert_close(out, want[0], 1e-6, scales[0])
+  assert_close(dvalues, want[1], 1e-6 if dtype == jnp.float32 else 2**-8, scales[1])
+  assert_close(dw, want[2], 1e-6, scales[2])
+
+
+def test_table_gradient_is_the_same_in_any_block_order():
+  """No atomics: the interpreter visits the parallel grid in a random order per seed; the
+  gradient is bit for bit the same."""
+  values, idx, w, cot = case(4, 200, 128, 40, 16, dup_pool=5)
+  grads = [
+      np.asarray(kernels.table_grad(idx, w, cot, 200, jnp.float32, block_rows=16,
+                                    interpret=pltpu.InterpretParams(random_seed=seed)))
+      for seed in (0, 1)
+  ]
+  np.testing.assert_array_equal(grads[0], grads[1])
+  assert not grads[0][np.setdiff1d(np.arange(200), np.asarray(idx))].any()  # unread rows zero
+
+
+def test_the_sharded_lookup_on_eight_devices():
+  values, idx, w, cot = case(5, 300, 512, 64, 24, dup_pool=40)
+  mesh = make_mesh((2, 1, 4))  # each device's column slice: 300 x 128
+  bag = lambda v, i, w: sharded_embedding_bag(
+      v, i, w, mesh=mesh, token_axes=AXES, memory_axis="memory", impl="pallas_tpu"
+  )
+  loss = lambda v, w, i, c: jnp.sum(bag(v, i, w) * c)
+  v_p, i_p, w_p, c_p = placed(mesh, values, idx, w, cot)
+  got = (jax.jit(bag)(v_p, i_p, w_p), *jax.jit(jax.grad(loss, argnums=(0, 1)))(v_p, w_p, i_p, c_p))
+  want = lookup_and_grads("xla", values, idx, w, cot)
+  for g, w_, scale in zip(got, want, term_scales(values, idx, w, cot)):
+    assert_close(g, w_, 1e-6, scale)
+
+
+def test_tunables_are_checked():
+  values, idx, w, cot = case(6, 64, 256, 4, 3)
+  with pytest.raises(ValueError, match="block_tokens must be a multiple of 8"):
+    kernels.gather_bag(values, idx, w, block_tokens=12, interpret=True)
+  with pytest.raises(ValueError, match="block_dim must divide"):
+    kernels.gather_dot(values, idx, cot, block_dim=192, interpret=True)
+  with pytest.raises(ValueError, match="tokens_in_flight must be a positive int"):
+    kernels.gather_bag(values, idx, w, tokens_in_flight=0, interpret=True)
+  with pytest.raises(ValueError, match="chunk must be a multiple of 128"):
+    kernels.table_grad(idx, w, cot, 64, jnp.float32, chunk=100, interpret=True)
+  with pytest.raises(TypeError, match="float32 or bfloat16"):
+    kernels.gather_bag(values.astype(jnp.float16), idx, w, interpret=True)
+
+
+# -- Real compiles through libtpu ---------------------------------------------------------------
+
+# The paper's per-device shapes: the 373M model's table, and its column slice when 8 devices
+# split it (memory parallelism); a batch of 8192 tokens, each reading 128 rows (4 heads x 32).
+SLOTS, TOKENS, BAG = 2**20, 8192, 128
+CHIPS = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+
+
+def compile_for_chip(fn, topology, *shapes_dtypes):
+  from jax.experimental import topologies
+
+  device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes_dtypes]
+  return jax.jit(fn).lower(*args).compile()
+
+
+def hbm_mib(compiled):
+  m = compiled.memory_analysis()
+  return {k: round(getattr(m, f"{k}_size_in_bytes") / 2**20, 1)
+          for k in ("argument", "output", "temp")}
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("chip", sorted(CHIPS))
+def test_kernels_compile_for_tpus_at_the_paper_shapes(chip):
+  chunk, block_rows = 128, 256
+  entries = TOKENS * BAG
+  for dim in (1024, 128):
+    table, ids = ((SLOTS, dim), jnp.bfloat16), ((TOKENS, BAG), jnp.int32)
+    weights, dout = ((TOKENS, BAG), jnp.float32), ((TOKENS, dim), jnp.float32)
+    sorted_entries = [((entries // chunk, chunk), d) for d in (jnp.int32, jnp.int32, jnp.float32)]
+    starts = ((SLOTS // block_rows + 1,), jnp.int32)
+    forward = compile_for_chip(kernels.gather_bag, CHIPS[chip], table, ids, weights)
+    backward = compile_for_chip(
+        lambda v, i, d, r, t, w, s: (
+            kernels.sorted_row_grad(r, t, w, s, d, SLOTS, jnp.bfloat16, block_rows=block_rows),
+            kernels.gather_dot(v, i, d),
+        ),
+        CHIPS[chip], table, ids, dout, *sorted_entries, starts,
+    )
+    for name, compiled in (("forward", forward), ("backward", backward)):
+      figures = hbm_mib(compiled)
+      print(f"{chip} {SLOTS}x{dim} bf16, {TOKENS}x{BAG}: {name} HBM MiB {figures}")
+      assert "tpu_custom_call" in compiled.as_text()  # Mosaic kernels, not an XLA fallback
+      total_gib = sum(figures.values()) / 1024
+      assert total_gib < aot.GENERATIONS[chip].hbm_gib
+    # The kernels' own temporaries are VMEM, not HBM: the backward's HBM is its operands and the
+    # (S, V) bfloat16 gradient.
+    assert hbm_mib(backward)["output"] >= SLOTS * dim * 2 / 2**20
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_the_373m_train_step_compiles_with_the_kernels_for_v5p_8():
+  cfg = config.load("pkplus_373m_1024k", ["model.memory.impl=pallas_tpu", "mesh.memory=4"])
+  figures = aot.compile_for(cfg, "v5p-8")
+  print(aot.report(figures))
+  assert figures["fits"], aot.report(figures)

@@ -19,8 +19,8 @@ import triton.language as tl
 def bag_forward_kernel(
     values_ptr,  # (N_SLOTS, DIM) table
     idx_ptr,  # (N, BAG) int32 row ids; out-of-range ids read the clamped row
-    w_ptr,  # (N, BAG) float32 weights
-    out_ptr,  # (N, DIM) float32 output
+    w_ptr,  # (N, BAG) weights (float32, bfloat16 or float16)
+    out_ptr,  # (N, DIM) output, in the weights' dtype (the sum is float32)
     N_SLOTS: tl.constexpr,
     DIM: tl.constexpr,
     BAG: tl.constexpr,
@@ -37,7 +37,7 @@ def bag_forward_kernel(
     k_ok = ks < BAG
     rows = tl.load(idx_ptr + token * BAG + ks, mask=k_ok, other=0)
     rows = tl.minimum(tl.maximum(rows, 0), N_SLOTS - 1).to(tl.int64)
-    w = tl.load(w_ptr + token * BAG + ks, mask=k_ok, other=0.0)
+    w = tl.load(w_ptr + token * BAG + ks, mask=k_ok, other=0.0).to(tl.float32)
     # A (BLOCK_K, BLOCK_V) tile: BLOCK_K independent row reads before the first use.
     tile = tl.load(
         values_ptr + rows[:, None] * DIM + cols[None, :],
@@ -45,13 +45,13 @@ def bag_forward_kernel(
         other=0.0,
     )
     acc += tl.sum(tile.to(tl.float32) * w[:, None], axis=0)
-  tl.store(out_ptr + token * DIM + cols, acc, mask=col_ok)
+  tl.store(out_ptr + token * DIM + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
 def bag_backward_kernel(
     values_ptr,  # (N_SLOTS, DIM) table
-    dout_ptr,  # (N, DIM) float32 output gradient
+    dout_ptr,  # (N, DIM) output gradient (float32, bfloat16 or float16)
     w_ptr,  # (N * BAG,) float32 weights, zero where the id was out of range
     order_ptr,  # (N * BAG,) int32 flat lookup ids (t * BAG + k) sorted by row, stably
     starts_ptr,  # (N_SLOTS + 1,) int32: row r's lookups are order[starts[r]:starts[r + 1]]
@@ -99,7 +99,7 @@ def bag_backward_kernel(
             dout_ptr + tokens[:, None] * DIM + cols[None, :],
             mask=j_ok[:, None] & col_ok[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         acc += tl.sum(dout * w[:, None], axis=0)
         tl.store(dw_block_ptr + lookup, tl.sum(dout * value_row[None, :], axis=1), mask=j_ok)
       tl.store(dvalues_ptr + row_offset + cols, acc.to(dvalues_ptr.dtype.element_ty), mask=col_ok)

@@ -57,6 +57,12 @@ def _default_block_v(dim: int) -> int:
   return min(_pow2_at_least(dim), _MAX_BLOCK_V)
 
 
+def _native(x: jax.Array) -> jax.Array:
+  """x as the kernels read it: float32, bfloat16 and float16 as they are (a narrow dOut is half
+  the bytes to gather), anything else as float32."""
+  return x if x.dtype in _TABLE_DTYPES else x.astype(jnp.float32)
+
+
 def _supported(values_SV: jax.Array, idx_NK: jax.Array) -> bool:
   """The kernels handle these; the rest (empty shapes, float64 tables) go to the xla impl."""
   n_slots, dim = values_SV.shape
@@ -72,7 +78,8 @@ def forward_launch(
     values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, *,
     block_k: int | None = None, block_v: int | None = None, num_warps: int = 4, num_stages: int = 2,
 ) -> Launch:
-  """The forward's launch: (S, V) table, (N, K) int32 ids and weights -> (N, V) float32.
+  """The forward's launch: (S, V) table, (N, K) int32 ids and weights -> (N, V) in the weights'
+  dtype (float32 for weights of other float types), summed in float32.
 
   Defaults: BLOCK_V the value dim rounded up to a power of two, at most 1024; BLOCK_K so that a
   tile of BLOCK_K x BLOCK_V holds about 8192 values (8 rows of 1024).
@@ -84,11 +91,12 @@ def forward_launch(
   block_k = min(_pow2_at_least(bag), max(4, 8192 // block_v)) if block_k is None else block_k
   _check_block("block_v", block_v)
   _check_block("block_k", block_k)
+  w_NK = _native(w_NK)
   return Launch(
       kernel=kernels.bag_forward_kernel,
       grid=(n_tokens, -(-dim // block_v)),
-      operands=(values_SV, idx_NK.astype(jnp.int32), w_NK.astype(jnp.float32)),
-      out_shapes=(jax.ShapeDtypeStruct((n_tokens, dim), jnp.float32),),
+      operands=(values_SV, idx_NK.astype(jnp.int32), w_NK),
+      out_shapes=(jax.ShapeDtypeStruct((n_tokens, dim), w_NK.dtype),),
       constexprs=dict(N_SLOTS=n_slots, DIM=dim, BAG=bag, BLOCK_K=block_k, BLOCK_V=block_v),
       num_warps=num_warps,
       num_stages=num_stages,
@@ -138,7 +146,7 @@ def backward_launch(
   return Launch(
       kernel=kernels.bag_backward_kernel,
       grid=(-(-n_slots // block_r), n_blocks),
-      operands=(values_SV, dout_NV.astype(jnp.float32), w_L, order_L, starts_S1),
+      operands=(values_SV, _native(dout_NV), w_L, order_L, starts_S1),
       out_shapes=(
           jax.ShapeDtypeStruct(values_SV.shape, values_SV.dtype),
           jax.ShapeDtypeStruct((n_blocks, idx_NK.size), jnp.float32),
@@ -188,7 +196,7 @@ def _broadcast(x: jax.Array, batched: bool, size: int) -> jax.Array:
 
 @jax.custom_batching.custom_vmap
 def bag_forward(values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
-  """The `triton` embedding-bag forward: (N, V) float32."""
+  """The `triton` embedding-bag forward: (N, V) in the weights' dtype, summed in float32."""
   if not _supported(values_SV, idx_NK):
     return bag_forward_xla(values_SV, idx_NK, w_NK)
   (out_NV,) = run(forward_launch(values_SV, idx_NK, w_NK))

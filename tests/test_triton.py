@@ -227,16 +227,17 @@ def test_block_sizes_are_checked_and_defaults_fit_the_shape():
     ops.backward_launch(values, idx, w, dout, block_j=0)
   forward = ops.forward_launch(values, idx, w)
   assert forward.grid == (3, 1) and forward.constexprs["BLOCK_V"] == 128
-  # 32768 tokens: a 1024-wide float32 dOut slab would be 128 MB; 128 columns keep it in L2.
-  big_dout = jax.ShapeDtypeStruct((32768, 1024), jnp.float32)
-  backward = jax.eval_shape(
-      lambda v, i, w, d: ops.backward_launch(v, i, w, d).out_shapes[1],
-      jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16),
-      jax.ShapeDtypeStruct((32768, 4), jnp.int32),
-      jax.ShapeDtypeStruct((32768, 4), jnp.float32),
-      big_dout,
-  )
-  assert backward.shape == (1024 // 128, 32768 * 4)
+  # 32768 tokens: a 1024-wide float32 dOut slab would be 128 MB; 128 columns keep it in L2, or
+  # 256 of a bfloat16 dOut.
+  for dtype, block_v in ((jnp.float32, 128), (jnp.bfloat16, 256)):
+    partials = jax.eval_shape(
+        lambda v, i, w, d: ops.backward_launch(v, i, w, d).out_shapes[1],
+        jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16),
+        jax.ShapeDtypeStruct((32768, 4), jnp.int32),
+        jax.ShapeDtypeStruct((32768, 4), dtype),
+        jax.ShapeDtypeStruct((32768, 1024), dtype),
+    )
+    assert partials.shape == (1024 // block_v, 32768 * 4)
 
 
 _HOPPER_SCRIPT = textwrap.dedent("""

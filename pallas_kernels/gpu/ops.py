@@ -7,9 +7,9 @@ interpreter on the CPU, so everything but jax-triton's own call is checked witho
 Block sizes (keyword arguments, checked up front):
 - forward: a program per (token, BLOCK_V columns); it loads BLOCK_K rows of its bag at a time.
 - backward: a program per (BLOCK_R table rows, BLOCK_V columns); it loads BLOCK_J lookups of a
-  row at a time. BLOCK_V defaults to the widest power of two whose slab of the float32 output
-  gradient, N x BLOCK_V, fits in about 24 MB, so the dOut rows that the programs in flight gather
-  stay in L2 (50 MB on an H100, 60 MB on an H200).
+  row at a time. BLOCK_V defaults to the widest power of two whose slab of the output gradient,
+  N x BLOCK_V, fits in about 24 MB, so the dOut rows that the programs in flight gather stay in
+  L2 (50 MB on an H100, 60 MB on an H200).
 """
 
 from __future__ import annotations
@@ -135,9 +135,10 @@ def backward_launch(
   n_slots, dim = values_SV.shape
   n_tokens, bag = idx_NK.shape
   _check_sizes(idx_NK)
+  dout_NV = _native(dout_NV)
   if block_v is None:
     block_v = _default_block_v(dim)
-    while block_v > 64 and n_tokens * block_v * 4 > _DOUT_SLAB_BYTES:
+    while block_v > 64 and n_tokens * block_v * dout_NV.dtype.itemsize > _DOUT_SLAB_BYTES:
       block_v //= 2
   for name, value in (("block_r", block_r), ("block_j", block_j), ("block_v", block_v)):
     _check_block(name, value)
@@ -146,7 +147,7 @@ def backward_launch(
   return Launch(
       kernel=kernels.bag_backward_kernel,
       grid=(-(-n_slots // block_r), n_blocks),
-      operands=(values_SV, _native(dout_NV), w_L, order_L, starts_S1),
+      operands=(values_SV, dout_NV, w_L, order_L, starts_S1),
       out_shapes=(
           jax.ShapeDtypeStruct(values_SV.shape, values_SV.dtype),
           jax.ShapeDtypeStruct((n_blocks, idx_NK.size), jnp.float32),

@@ -56,7 +56,7 @@ fi
 
 # 2. GPU tests.
 stamp "GPU tests"
-timeout 120 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton.py 2>&1 \
+timeout 100 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton.py 2>&1 \
   | tee "$OUT/pytest_gpu.log"
 tests_rc=${PIPESTATUS[0]}
 
@@ -64,7 +64,7 @@ tests_rc=${PIPESTATUS[0]}
 stamp "gpu_check.py"
 args=(--out "$OUT")
 [[ $DRY == 1 ]] && args+=(--dry-run --reps 3)
-timeout 330 "$PYTHON" benchmarks/gpu_check.py "${args[@]}" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 360 "$PYTHON" benchmarks/gpu_check.py "${args[@]}" 2>&1 | tee "$OUT/gpu_check.log"
 check_rc=${PIPESTATUS[0]}
 rm -rf "$OUT/site-dry-run"
 stamp "done: tests exit $tests_rc, gpu_check exit $check_rc"

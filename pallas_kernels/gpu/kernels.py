@@ -72,7 +72,8 @@ def bag_backward_kernel(
   deterministic with no atomics. With the lookups sorted by row, each table row is read once, for
   the weight gradients <dOut[t], values[row]> of all its lookups (partial sums over this block's
   columns). Program ids run over rows fastest, so the programs in flight share one column block
-  and its slab of dOut stays in L2.
+  and its slab of dOut stays in L2. One program sums all of a row's lookups: a row read by very
+  many tokens (skewed memory use) makes a long program; the reference starts such rows first.
   """
   block = tl.program_id(1)
   cols = block * BLOCK_V + tl.arange(0, BLOCK_V)

@@ -163,6 +163,7 @@ CASES = {
         dict(block_k=8, block_v=16),
         dict(block_r=4, block_j=4, block_v=16),
     ),
+    "rows_in_order": (dict(slots=30, dim=20, tokens=4, bag=9), None, dict(heavy_rows_first=False)),
     "dim_one_float16": (dict(slots=37, dim=1, tokens=5, bag=6, dtype=jnp.float16), None, None),
     "bf16_weights_and_output": (
         dict(slots=70, dim=40, tokens=5, bag=24, dtype=jnp.bfloat16, w_dtype=jnp.bfloat16), None, None),
@@ -211,11 +212,14 @@ def test_interpreted_kernels_match_the_xla_impl_to_float32_rounding():
 def test_sorted_lookups_are_stable_and_rows_start_where_they_should():
   idx = jnp.array([[3, 0, 3], [5, 3, -1]], jnp.int32)
   w = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-  w_L, order_L, starts_S1 = ops.sort_lookups(5, idx, w)
+  w_L, order_L, starts_S1, rows_S = ops.sort_lookups(5, idx, w)
   # Row 0 holds lookup 1 and the out-of-range -1 (lookup 5, weight 0); row 4 the clamped 5.
   np.testing.assert_array_equal(order_L, [1, 5, 0, 2, 4, 3])
   np.testing.assert_array_equal(starts_S1, [0, 2, 2, 2, 5, 6])
   np.testing.assert_array_equal(w_L, [1.0, 2.0, 3.0, 0.0, 5.0, 0.0])
+  # Most-read rows first (3 lookups, 2, 1), ties in row order.
+  np.testing.assert_array_equal(rows_S, [3, 0, 4, 1, 2])
+  np.testing.assert_array_equal(ops.sort_lookups(5, idx, w, heavy_rows_first=False)[3], np.arange(5))
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
@@ -414,7 +418,7 @@ def test_gpu_check_dry_run_writes_every_phase(tmp_path):
     assert 0 < impls[name]["fwd_unique_GBps"] <= impls[name]["fwd_per_lookup_GBps"]
   assert set(report["bandwidth"]["verdict"]) >= {"fwd_beats_baselines", "bwd_unique_meets_40%_of_copy"}
   variants = report["bandwidth"]["variants_s"]  # built and checked here; timed on a GPU
-  assert len(variants) == 12 and variants.pop("bwd sort_lookups only") > 0, variants
+  assert len(variants) == 13 and variants.pop("bwd sort_lookups only") > 0, variants
   step = report["train_step"]["impls"][kernel]
   assert step["step_s"] > 0 and np.isfinite(step["loss"])
   assert "| impl | fwd ms |" in proc.stdout

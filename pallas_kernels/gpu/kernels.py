@@ -55,13 +55,14 @@ def bag_backward_kernel(
     w_ptr,  # (N * BAG,) float32 weights, zero where the id was out of range
     order_ptr,  # (N * BAG,) int32 flat lookup ids (t * BAG + k) sorted by row, stably
     starts_ptr,  # (N_SLOTS + 1,) int32: row r's lookups are order[starts[r]:starts[r + 1]]
+    rows_ptr,  # (N_SLOTS,) int32: the rows in the order the programs take them
     dvalues_ptr,  # (N_SLOTS, DIM) table gradient, in the table's dtype
     dw_ptr,  # (cdiv(DIM, BLOCK_V), N * BAG) float32 weight-gradient partials, one per column block
     N_SLOTS: tl.constexpr,
     DIM: tl.constexpr,
     BAG: tl.constexpr,
     N_LOOKUPS: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # table rows per program, visited in turn
+    BLOCK_R: tl.constexpr,  # table rows per program (consecutive entries of rows), in turn
     BLOCK_J: tl.constexpr,  # lookups of one row loaded together
     BLOCK_V: tl.constexpr,  # columns per program (a power of two)
 ):
@@ -73,15 +74,17 @@ def bag_backward_kernel(
   the weight gradients <dOut[t], values[row]> of all its lookups (partial sums over this block's
   columns). Program ids run over rows fastest, so the programs in flight share one column block
   and its slab of dOut stays in L2. One program sums all of a row's lookups: a row read by very
-  many tokens (skewed memory use) makes a long program; the reference starts such rows first.
+  many tokens (skewed memory use) makes a long program, so `rows` lists the most-read rows first
+  (as the reference does) and those programs start early.
   """
   block = tl.program_id(1)
   cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
   col_ok = cols < DIM
   dw_block_ptr = dw_ptr + block.to(tl.int64) * N_LOOKUPS
   for i in range(BLOCK_R):
-    row = tl.program_id(0) * BLOCK_R + i
-    if row < N_SLOTS:
+    position = tl.program_id(0) * BLOCK_R + i
+    if position < N_SLOTS:
+      row = tl.load(rows_ptr + position)
       start = tl.load(starts_ptr + row)
       end = tl.load(starts_ptr + row + 1)
       row_offset = row.to(tl.int64) * DIM

@@ -104,14 +104,17 @@ def forward_launch(
 
 
 def sort_lookups(
-    n_slots: int, idx_NK: jax.Array, w_NK: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    n_slots: int, idx_NK: jax.Array, w_NK: jax.Array, heavy_rows_first: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The backward's row-sorted view of the lookups, built with XLA ops.
 
-  Returns (w_L, order_L, starts_S1): float32 weights per flat lookup t * K + k (zero where the id
-  is out of range, so such lookups add nothing to the table gradient; they sit on the clamped row,
-  whose values they read in the forward); the flat lookup ids sorted by row, stably (each row's
-  sum runs in lookup order: deterministic); and each row's first position in that order (S + 1).
+  Returns (w_L, order_L, starts_S1, rows_S): float32 weights per flat lookup t * K + k (zero where
+  the id is out of range, so such lookups add nothing to the table gradient; they sit on the
+  clamped row, whose values they read in the forward); the flat lookup ids sorted by row, stably
+  (each row's sum runs in lookup order: deterministic); each row's first position in that order
+  (S + 1); and the order in which the programs visit rows: most-read first, so that the long
+  programs of hot rows start early and overlap the rest (as the reference orders them), else
+  0..S-1.
   """
   in_range_NK = (idx_NK >= 0) & (idx_NK < n_slots)
   w_L = jnp.where(in_range_NK, w_NK.astype(jnp.float32), 0.0).reshape(-1)
@@ -122,13 +125,17 @@ def sort_lookups(
   starts_S1 = jnp.searchsorted(
       sorted_rows_L, jnp.arange(n_slots + 1, dtype=jnp.int32), side="left"
   ).astype(jnp.int32)
-  return w_L, order_L, starts_S1
+  rows_S = jax.lax.iota(jnp.int32, n_slots)
+  if heavy_rows_first:
+    counts_S = starts_S1[1:] - starts_S1[:-1]
+    _, rows_S = jax.lax.sort((-counts_S, rows_S), num_keys=1, is_stable=True)
+  return w_L, order_L, starts_S1, rows_S
 
 
 def backward_launch(
     values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, dout_NV: jax.Array, *,
     block_r: int = 8, block_j: int = 8, block_v: int | None = None, num_warps: int = 4,
-    num_stages: int = 1,
+    num_stages: int = 1, heavy_rows_first: bool = True,
 ) -> Launch:
   """The backward's launch (after `sort_lookups`): outputs the (S, V) table gradient in the
   table's dtype and (cdiv(V, BLOCK_V), N * K) float32 weight-gradient partials."""
@@ -142,12 +149,12 @@ def backward_launch(
       block_v //= 2
   for name, value in (("block_r", block_r), ("block_j", block_j), ("block_v", block_v)):
     _check_block(name, value)
-  w_L, order_L, starts_S1 = sort_lookups(n_slots, idx_NK, w_NK)
+  w_L, order_L, starts_S1, rows_S = sort_lookups(n_slots, idx_NK, w_NK, heavy_rows_first)
   n_blocks = -(-dim // block_v)
   return Launch(
       kernel=kernels.bag_backward_kernel,
       grid=(-(-n_slots // block_r), n_blocks),
-      operands=(values_SV, dout_NV, w_L, order_L, starts_S1),
+      operands=(values_SV, dout_NV, w_L, order_L, starts_S1, rows_S),
       out_shapes=(
           jax.ShapeDtypeStruct(values_SV.shape, values_SV.dtype),
           jax.ShapeDtypeStruct((n_blocks, idx_NK.size), jnp.float32),

@@ -48,9 +48,23 @@ def run_steps(cfg, devices, n_steps):
     return jax.device_get((loss, grads, state.params, losses)), state
 
 
+# The parameters' trajectory is compared in float64. In float32 a sharded run's reordered sums
+# differ by rounding, and Adam divides each coordinate's gradient by its own RMS: where a
+# coordinate's gradient is near Adam's eps (a rarely seen token's embedding, say), that rounding
+# moves the update by a sizeable fraction of a step, so float32 parameters after a few steps
+# differ by up to 1e-3 of their scale in a coordinate or two, on any mesh.
+X64 = ["model.param_dtype=float64", "model.dtype=float64"]
+
+
 @pytest.fixture(scope="module")
 def single_device():
-  return run_steps(cfg_for((1, 1, 1)), jax.devices()[:1], 5)[0]
+  return run_steps(cfg_for((1, 1, 1)), jax.devices()[:1], 0)[0]
+
+
+@pytest.fixture(scope="module")
+def single_device_x64():
+  with jax.enable_x64(True):
+    return run_steps(cfg_for((1, 1, 1), *X64), jax.devices()[:1], 5)[0]
 
 
 def assert_close(actual, expected, what):
@@ -62,16 +76,18 @@ def assert_close(actual, expected, what):
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_every_mesh_computes_what_one_device_computes(shape, single_device):
-  (loss, grads, _, losses), state = run_steps(cfg_for(shape), jax.devices(), 5)
-  want_loss, want_grads, _, want_losses = single_device
+def test_every_mesh_computes_what_one_device_computes(shape, single_device, single_device_x64):
+  (loss, grads, _, _), state = run_steps(cfg_for(shape), jax.devices(), 0)
+  want_loss, want_grads, _, _ = single_device
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   assert_close(grads, want_grads, "gradient")
-  # Five optimizer steps follow the same trajectory: the loss of every step agrees to 1e-5.
-  # (Parameters do not agree to 1e-5 of their scale coordinate by coordinate: Adam divides each
-  # gradient coordinate by its own RMS, and where a coordinate's terms cancel to about eps, the
-  # reordered float32 sums of a sharded run move it by a different fraction of a step.)
+  # Five optimizer steps follow the same trajectory: every step's loss and, after the five
+  # steps, every parameter (float64; see X64).
+  with jax.enable_x64(True):
+    (_, _, params, losses), _ = run_steps(cfg_for(shape, *X64), jax.devices(), 5)
+  _, _, want_params, want_losses = single_device_x64
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  assert_close(params, want_params, "parameter after 5 steps")
   data, fsdp, memory = shape
   table = state.params["layers"][1]["feed_forward"]["values"][...]
   assert table.addressable_shards[0].data.shape == (144, 32 // memory)

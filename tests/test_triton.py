@@ -312,6 +312,44 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills():
   assert report["backward_bfloat16"]["v4_loads"] >= 4, report
 
 
+_LOWER_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from pallas_kernels.gpu import ops
+
+    S, V, N, K = 4096, 1000, 64, 128
+    table = jax.ShapeDtypeStruct((S, V), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((N, K), jnp.int32)
+    w = jax.ShapeDtypeStruct((N, K), jnp.bfloat16)
+    dout = jax.ShapeDtypeStruct((N, V), jnp.bfloat16)
+
+    def forward(v, i, w):
+      return ops.run(ops.forward_launch(v, i, w), compute_capability=90)
+
+    def backward(v, i, w, d):
+      dvalues, dw = ops.run(ops.backward_launch(v, i, w, d), compute_capability=90)
+      return dvalues, ops.weight_gradient(dw, i.shape)
+
+    for fn, args in ((forward, (table, ids, w)), (backward, (table, ids, w, dout))):
+      text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+      print(fn.__name__, text.count("@triton_kernel_call"))
+""")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax_triton") is None or importlib.util.find_spec("jax_plugins") is None,
+    reason="needs jax-triton and a CUDA plugin of jax (the gpu extra)",
+)
+def test_jax_triton_lowers_both_kernels_for_hopper_without_a_gpu():
+  # jax-triton compiles each launch for sm_90 and emits its custom call: the operands, outputs
+  # and constexprs of `ops` agree with jax-triton's call, checked where the gpu extra is installed.
+  env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu", TRITON_DEFAULT_FP_FUSION="1")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["forward", "1", "backward", "1"], proc.stdout
+
+
 # --- Dispatch where no GPU is visible -----------------------------------------------------------
 
 

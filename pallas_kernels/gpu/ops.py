@@ -183,8 +183,12 @@ def _triton_call():
   return jax_triton.triton_call, "out_type" if "out_type" in params else "out_shape"
 
 
-def run(launch: Launch) -> tuple[jax.Array, ...]:
-  """Runs `launch` on the GPU through jax-triton; returns its outputs."""
+def run(launch: Launch, compute_capability: int | None = None) -> tuple[jax.Array, ...]:
+  """Runs `launch` on the GPU through jax-triton; returns its outputs.
+
+  compute_capability (e.g. 90 for Hopper) compiles for that GPU instead of the one present, so
+  that a program can be lowered for CUDA where there is none.
+  """
   triton_call, out_arg = _triton_call()
   outs = triton_call(
       *launch.operands,
@@ -192,6 +196,7 @@ def run(launch: Launch) -> tuple[jax.Array, ...]:
       grid=launch.grid,
       num_warps=launch.num_warps,
       num_stages=launch.num_stages,
+      compute_capability=compute_capability,
       **{out_arg: launch.out_shapes},
       **launch.constexprs,
   )

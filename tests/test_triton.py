@@ -460,3 +460,22 @@ def test_gpu_check_dry_run_writes_every_phase(tmp_path):
   step = report["train_step"]["impls"][kernel]
   assert step["step_s"] > 0 and np.isfinite(step["loss"])
   assert "| impl | fwd ms |" in proc.stdout
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_inside_shard_map_matches_outside():
+  # The memory-parallel layer calls the bag inside shard_map; one GPU makes a mesh of one.
+  values, idx, w, dout = random_case(3, slots=64, dim=40, tokens=16, bag=12, dup_pool=20)
+  loss = lambda v, idx, w, d: jnp.sum(embedding_bag(v, idx, w, impl="triton") * d)
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  P = jax.sharding.PartitionSpec
+  specs = (P(), P("data"), P("data"), P("data"))
+  args = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+          for x, spec in zip((values, idx, w, dout), specs)]
+  grads = jax.jit(jax.shard_map(
+      jax.grad(loss, argnums=(0, 2)), mesh=mesh, in_specs=specs, out_specs=(P(), P("data")),
+  ))(*args)
+  want = jax.grad(loss, argnums=(0, 2))(values, idx, w, dout)
+  for got, expected in zip(grads, want):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

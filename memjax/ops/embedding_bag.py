@@ -103,6 +103,7 @@ _PLATFORM_IMPLS = {"cpu": "cpu", "tpu": "pallas_tpu", "gpu": "triton"}
 _KERNEL_MODULES = {
     "cpu": "pallas_kernels.cpu",
     "pallas_tpu": "pallas_kernels.tpu",
+    "triton": "pallas_kernels.gpu",
 }
 _load_failures: dict[str, Exception] = {}
 _warned: set[str] = set()

@@ -6,15 +6,26 @@ M sub-keys per half (n_keys), K knn, S slots (n_keys**2), V value dim.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from memjax.config import ModelConfig
 from memjax.layers import init
 from memjax.layers.norms import rms_normalise
 from memjax.ops import embedding_bag, product_topk
 from memjax.ops.memory_parallel import sharded_embedding_bag
+
+
+def _device_mesh(n_tokens: int) -> jax.sharding.AbstractMesh | None:
+  """The current mesh when it has several devices and `n_tokens` split evenly over them."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or n_tokens % mesh.size:
+    return None
+  return mesh
 
 
 class MemoryValues(nnx.Param):
@@ -110,21 +121,28 @@ class ProductKeyMemory(nnx.Module):
     n = x_ND.shape[0]
     scores_NH2M = self.half_scores(x_ND)
     rows = n * self.heads
-    scores_RK, slots_RK = product_topk(
+    top_k = functools.partial(product_topk, knn=self.knn, impl=self.impl)
+    if (mesh := _device_mesh(n)) is not None:
+      # Per device on its own rows: XLA cannot split a kernel's custom call by itself, and
+      # would gather every device's scores to each.
+      rows_spec = P(mesh.axis_names)
+      top_k = jax.shard_map(top_k, mesh=mesh, in_specs=(rows_spec,) * 2, out_specs=(rows_spec,) * 2)
+    scores_RK, slots_RK = top_k(
         scores_NH2M[:, :, 0].reshape(rows, self.n_keys),
         scores_NH2M[:, :, 1].reshape(rows, self.n_keys),
-        self.knn,
-        impl=self.impl,
     )
     weights_RK = jax.nn.softmax(scores_RK.astype(jnp.float32), axis=-1).astype(scores_RK.dtype)
     shape = (n, self.heads, self.knn)
     return slots_RK.reshape(shape), weights_RK.reshape(shape)
 
   def _read(self, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
-    """The bag, split over the mesh's `memory` axis when the current mesh has one (the table's
-    columns sharded; `memjax.ops.memory_parallel`), else one op over the whole table."""
+    """The bag, per device on its tokens when the current mesh has several devices (and over
+    the table's column slices when it has a `memory` axis; `memjax.ops.memory_parallel`), else
+    one op over the whole table."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and dict(mesh.shape).get("memory", 1) > 1:
+    if "memory" in mesh.axis_names and (
+        mesh.shape["memory"] > 1 or _device_mesh(idx_NK.shape[0]) is not None
+    ):
       return sharded_embedding_bag(
           self.values[...], idx_NK, w_NK, mesh=mesh, token_axes=mesh.axis_names,
           memory_axis="memory", impl=self.impl,

@@ -129,6 +129,8 @@ def evaluate(run: Run, eval_step, forward) -> dict[str, float]:
         evaluation.fact_recall(
             lambda tokens: forward(state.params, state.other, tokens), inputs.probes,
             inputs.tokenizer, chance=inputs.chance, max_len=cfg.model.max_seqlen,
+            # Rows a multiple of the devices, so that the lookup splits the tokens evenly.
+            batch_size=math.lcm(64, jax.device_count()),
         )
     )
   if usage is not None:

@@ -19,15 +19,10 @@ from memjax import config as config_lib  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[str, config_lib.Config]:
-  path, overrides = config_lib.DEFAULT_CONFIG, []
-  for arg in argv:
-    if arg.startswith("config="):
-      path = arg.split("=", 1)[1]
-    elif arg in ("-h", "--help"):
-      print(__doc__)
-      sys.exit(0)
-    else:
-      overrides.append(arg)
+  if "-h" in argv or "--help" in argv:
+    print(__doc__)
+    sys.exit(0)
+  path, _, overrides = config_lib.split_command_line(argv)
   return path, config_lib.load(path, overrides)
 
 

@@ -136,17 +136,11 @@ def report(f: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-  path, topology, overrides = config_lib.DEFAULT_CONFIG, None, []
-  for arg in argv:
-    if arg.startswith("config="):
-      path = arg.split("=", 1)[1]
-    elif arg.startswith("topology="):
-      topology = arg.split("=", 1)[1]
-    elif arg in ("-h", "--help"):
-      print(__doc__)
-      return 0
-    else:
-      overrides.append(arg)
+  if "-h" in argv or "--help" in argv:
+    print(__doc__)
+    return 0
+  path, options, overrides = config_lib.split_command_line(argv, ("topology",))
+  topology = options.get("topology")
   try:
     if topology is None:
       raise config_lib.ConfigError("topology", "give topology=<Cloud TPU name>, e.g. v5p-8")

@@ -522,6 +522,23 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny"
 
 
+def split_command_line(
+    argv: list[str], options: tuple[str, ...] = ()
+) -> tuple[str, dict[str, str], list[str]]:
+  """`config=NAME_OR_PATH` (default: DEFAULT_CONFIG), the `OPTION=VALUE` arguments for each
+  of `options`, and the remaining `key=value` overrides, from a command line."""
+  path, found, overrides = DEFAULT_CONFIG, {}, []
+  for arg in argv:
+    key, _, value = arg.partition("=")
+    if key == "config":
+      path = value
+    elif key in options:
+      found[key] = value
+    else:
+      overrides.append(arg)
+  return path, found, overrides
+
+
 def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
   """A path, or the name of a file in `configs/` (with or without `.yaml`)."""
   p = pathlib.Path(name_or_path)

@@ -280,3 +280,13 @@ def test_lingua_training_keys_refused_by_name(override, field, allowed):
   with pytest.raises(config.ConfigError, match=allowed) as error:
     config.load(lingua_path("debug"), [override])
   assert error.value.field == field
+
+
+def test_a_command_line_splits_into_config_options_and_overrides():
+  path, options, overrides = config.split_command_line(
+      ["model.dim=64", "config=configs/pk_7b.yaml", "topology=v5p-8", "train.lr=1e-3"], ("topology",)
+  )
+  assert (path, options, overrides) == (
+      "configs/pk_7b.yaml", {"topology": "v5p-8"}, ["model.dim=64", "train.lr=1e-3"]
+  )
+  assert config.split_command_line([])[0] == config.DEFAULT_CONFIG

@@ -1,10 +1,12 @@
 """The benchmark scripts run end to end at smoke size and write the promised JSON keys."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from lookup_impls import IMPLS
@@ -27,3 +29,57 @@ def test_memory_layer_benchmark_smoke(tmp_path, impl):
               "speedup_fwd_bwd"):
     assert figures[key] > 0, key
   assert figures["impl"] == impl
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  # One CPU device, as a user runs the scripts (conftest asks this process for 8).
+  flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / name), "--smoke", *args],
+      capture_output=True, text=True, timeout=timeout, check=False,
+      env={**os.environ, "XLA_FLAGS": flags},
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_train_throughput_smoke(tmp_path):
+  out = tmp_path / "throughput.json"
+  proc = run_script("train_throughput.py", "--repeats", "1", "--steps", "1", "--json", str(out))
+  assert "| Memory+ |" in proc.stdout
+  models = json.loads(out.read_text())["models"]
+  assert sorted(models) == sorted(["dense", "Memory", "Memory+", "MoE", "PEER"])
+  for name, r in models.items():
+    assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["flops_per_token"] > 0, name
+    assert 0 < r["params_active"] <= r["params_total"], name
+  assert models["dense"]["params_active"] == models["dense"]["params_total"]
+  for sparse in ("Memory+", "MoE", "PEER"):
+    assert models[sparse]["params_active"] < models[sparse]["params_total"], sparse
+
+
+def test_scaling_smoke(tmp_path):
+  out = tmp_path / "scaling.json"
+  proc = run_script("scaling.py", "--repeats", "1", "--json", str(out))
+  assert "| 2^10 |" in proc.stdout
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["slots"] for r in rows] == [2**8, 2**10]
+  for r in rows:
+    assert min(r["step_s"], r["select_s"], r["bag_fwd_bwd_s"], r["optimizer_s"]) > 0
+  # Parameters and both moments grow by the table's 2^10 - 2^8 rows of V = 32 and the sub-keys'
+  # 4 heads x 2 halves x (32 - 16) keys of 16 dims, in float32.
+  grown = (rows[1]["params_bytes"] + rows[1]["opt_state_bytes"]) - (rows[0]["params_bytes"] + rows[0]["opt_state_bytes"])
+  assert grown == 3 * 4 * ((2**10 - 2**8) * 32 + 4 * 2 * (32 - 16) * 16)
+
+
+def test_knowledge_smoke(tmp_path):
+  out = tmp_path / "knowledge.json"
+  proc = run_script("knowledge.py", "--out-dir", str(tmp_path), "--json", str(out))
+  assert "| Memory+ d32 |" in proc.stdout
+  figures = json.loads(out.read_text())
+  families = {r["family"] for r in figures["rows"]}
+  assert families == {"dense", "memory", "moe", "peer"}
+  for r in figures["rows"]:
+    assert 0 <= r["recall"] <= 1 and np.isfinite(r["eval_loss"]) and r["flops_per_token"] > 0, r
+  assert figures["comparison"].startswith("Memory+ recalls")
+  assert (tmp_path / "knowledge_smoke.md").read_text().startswith("knowledge corpus")
+  assert (tmp_path / "knowledge_smoke.png").read_bytes()[:4] == b"\x89PNG"

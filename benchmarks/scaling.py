@@ -1,0 +1,143 @@
+"""Step time and memory as the value table grows from 2^12 to 2^22 slots at fixed dims, with the
+lookup separated from the optimizer update over the table.
+
+  python benchmarks/scaling.py [--json FILE] [--smoke] [--repeats 3] [--max-log2 22]
+
+The model: dim 64, 2 blocks, Memory+ in block 1 (4 heads x knn 16, k_dim 128, V = 64), batch
+8 x 128 tokens, float32, the `train.py` step (AdamW over every parameter, the table included).
+For each table size (n_keys = 2^6 .. 2^11) it times, each alone and jitted:
+- selection: the query, the 2 x n_keys sub-key scores per head and the product top-k
+  (O(sqrt(N)) work per token);
+- bag fwd+bwd: the embedding bag and its backward, which writes a dense (N, V) table gradient
+  (O(N) memory traffic, though only H*K rows per token are nonzero);
+- optimizer: AdamW's update of all the parameters from given gradients (O(N): every table row's
+  moments and weight are rewritten each step, read or not);
+- the whole train step;
+and reports the state's bytes (parameters, moments) and the compiled step's temporaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.train_throughput import Timed, one_device_mesh  # noqa: E402
+from memjax import config as config_lib  # noqa: E402
+from memjax import optim  # noqa: E402
+from memjax.ops import embedding_bag  # noqa: E402
+from memjax.training import state as state_lib  # noqa: E402
+
+BASE = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.memory.layers=[1]",
+        "model.memory.heads=4", "model.memory.knn=16", "model.memory.k_dim=128",
+        "train.batch_size=8", "train.seq_len=128"]
+SMOKE = ["model.dim=32", "model.n_heads=2", "model.memory.knn=4", "model.memory.k_dim=32",
+         "train.batch_size=2", "train.seq_len=32"]
+
+
+def best(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def measure(cfg: config_lib.Config, repeats: int) -> dict:
+  mesh = one_device_mesh()
+  timed = Timed(cfg, mesh)
+  step_s = min(timed.run(1) for _ in range(repeats + 1))
+  memory = timed.compiled.memory_analysis()
+  state = timed.state
+  graphdef = state_lib.model_graphdef(cfg)
+  layer = nnx.merge(graphdef, state.params, state.other).layers[1].feed_forward
+  lgraph, lparams, lrest = nnx.split(layer, nnx.Param, ...)
+
+  n = cfg.train.batch_size * cfg.train.seq_len
+  x_ND = jnp.asarray(np.random.default_rng(0).standard_normal((n, cfg.model.dim)), jnp.float32)
+  select = jax.jit(lambda p, x: nnx.merge(lgraph, p, lrest).select(x))
+  slots_NHK, weights_NHK = select(lparams, x_ND)
+  idx_NB, w_NB = slots_NHK.reshape(n, -1), weights_NHK.reshape(n, -1)
+  cot_NV = jnp.ones((n, cfg.model.value_dim), jnp.float32)
+  bag = jax.jit(jax.grad(
+      lambda v, w: jnp.sum(embedding_bag(v, idx_NB, w, impl=cfg.model.memory.impl) * cot_NV),
+      argnums=(0, 1),
+  ))
+  values = lparams["values"][...]
+
+  tx = optim.make_optimizer(cfg)
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), state.params)
+  update = jax.jit(
+      lambda params, opt_state: optax.apply_updates(params, tx.update(grads, opt_state, params)[0])
+  )
+  return {
+      "slots": cfg.model.memory.n_slots,
+      "step_s": step_s,
+      "select_s": best(lambda: select(lparams, x_ND), repeats),
+      "bag_fwd_bwd_s": best(lambda: bag(values, w_NB), repeats),
+      "optimizer_s": best(lambda: update(state.params, state.opt_state), repeats),
+      "params_bytes": state_lib.tree_bytes_per_device(state.params),
+      "opt_state_bytes": state_lib.tree_bytes_per_device(state.opt_state),
+      "temp_bytes": getattr(memory, "temp_size_in_bytes", None) if memory is not None else None,
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", type=pathlib.Path, help="write the figures here")
+  parser.add_argument("--smoke", action="store_true", help="small dims, 2^8 and 2^10 slots")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--min-log2", type=int, default=12, help="smallest table, log2 slots (even)")
+  parser.add_argument("--max-log2", type=int, default=22, help="largest table, log2 slots (even)")
+  args = parser.parse_args()
+  base = BASE + (SMOKE if args.smoke else [])
+  if args.smoke:  # same maths, programs compiled ~2.5x faster: a smoke run is mostly compiles
+    jax.config.update("jax_disable_most_optimizations", True)
+  lo, hi = (8, 10) if args.smoke else (args.min_log2, args.max_log2)
+  rows = []
+  for log2 in range(lo, hi + 1, 2):
+    n_keys = 2 ** (log2 // 2)
+    cfg = config_lib.load("tiny", base + [f"model.memory.n_keys={n_keys}"])
+    rows.append(measure(cfg, args.repeats))
+    print(f"2^{log2} slots done", file=sys.stderr, flush=True)
+
+  cfg = config_lib.load("tiny", base)
+  first = rows[0]
+  print(
+      f"table scaling: dim {cfg.model.dim}, {cfg.model.n_layers} blocks, Memory+ in block 1 "
+      f"(heads {cfg.model.memory.heads}, knn {cfg.model.memory.knn}, V {cfg.model.value_dim}), "
+      f"batch {cfg.train.batch_size} x {cfg.train.seq_len}, float32, {os.cpu_count()} CPUs, "
+      f"jax {jax.__version__}; best of {args.repeats}"
+  )
+  print("| slots | train step (ms) | selection (ms) | bag fwd+bwd (ms) | optimizer update (ms) | "
+        "step vs 2^%d | params (MiB) | Adam moments (MiB) | step temporaries (MiB) |" % lo)
+  print("|---|---|---|---|---|---|---|---|---|")
+  mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f}"
+  for r in rows:
+    print(
+        f"| 2^{int(np.log2(r['slots']))} | {r['step_s'] * 1e3:.1f} | {r['select_s'] * 1e3:.2f} | "
+        f"{r['bag_fwd_bwd_s'] * 1e3:.2f} | {r['optimizer_s'] * 1e3:.1f} | "
+        f"{r['step_s'] / first['step_s']:.2f}x | {mib(r['params_bytes'])} | "
+        f"{mib(r['opt_state_bytes'])} | {mib(r['temp_bytes'])} |"
+    )
+  if args.json:
+    args.json.write_text(json.dumps({"rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,10 +1,11 @@
 """The lookup alone, per impl: forward and backward time, next to the bytes a call must move.
 
   python benchmarks/embedding_bag.py [--slots 65536] [--dim 256] [--tokens 2048] [--bag 128]
-      [--dtype float32] [--repeats 5] [--json FILE]
+      [--dtype float32] [--repeats 5] [--tpu-cost v5e:2x2] [--json FILE]
 
 For every impl that runs on this platform (`pallas_tpu` only on a TPU: interpret mode times
-nothing real) plus torch's `F.embedding_bag` on CPU: the median time of a forward and of a forward
+nothing real) plus torch's `F.embedding_bag` on CPU, and with `--tpu-cost` the `pallas_tpu` impl compiled for a
+TPU chip through libtpu (its compiled bytes only): the median time of a forward and of a forward
 plus backward (table and weight gradients), with uniform random ids. Beside them, the floor: the
 bytes a call cannot avoid moving (each lookup's row read once, the ids, weights and output; the
 backward also reads the output gradient and writes the dense table gradient), and the compiled
@@ -70,6 +71,27 @@ def jax_row(impl, values, idx, w, cot, repeats):
   }
 
 
+def tpu_cost_row(topology, values, idx, w, cot):
+  """The `pallas_tpu` lookup compiled ahead of time for one chip of a TPU topology (libtpu, no
+  TPU needed): XLA's bytes accessed, which count the kernels' own cost estimates."""
+  import os
+
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+
+  device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  forward = jax.jit(lambda v, i, w: embedding_bag(v, i, w, impl="pallas_tpu"))
+  loss = lambda v, i, w, c: jnp.sum(embedding_bag(v, i, w, impl="pallas_tpu") * c)
+  backward = jax.jit(jax.grad(loss, argnums=(0, 2)))
+  return {"forward_s": None, "backward_s": None,
+          "forward_compiled_bytes": compiled_bytes(forward, [spec(a) for a in (values, idx, w)]),
+          "backward_compiled_bytes": compiled_bytes(
+              backward, [spec(a) for a in (values, idx, w, cot)])}
+
+
 def torch_row(values, idx, w, cot, repeats):
   import torch
 
@@ -118,7 +140,7 @@ def impls_here() -> list[str]:
   return names
 
 
-def run(slots, dim, tokens, bag, dtype, repeats, with_torch=True):
+def run(slots, dim, tokens, bag, dtype, repeats, with_torch=True, tpu_cost=None):
   rng = np.random.default_rng(0)
   values = jnp.asarray(rng.standard_normal((slots, dim)), dtype)
   idx = jnp.asarray(rng.integers(0, slots, (tokens, bag)), jnp.int32)
@@ -131,6 +153,8 @@ def run(slots, dim, tokens, bag, dtype, repeats, with_torch=True):
       rows["torch"] = torch_row(values, idx, w, cot, repeats)
     except ImportError:
       pass
+  if tpu_cost:
+    rows[f"pallas_tpu ({tpu_cost} AOT)"] = tpu_cost_row(tpu_cost, values, idx, w, cot)
   return {
       "platform": jax.default_backend(),
       "device": jax.devices()[0].device_kind,
@@ -143,7 +167,8 @@ def run(slots, dim, tokens, bag, dtype, repeats, with_torch=True):
 
 def table(result) -> str:
   s, floor = result["shape"], result["floor_bytes"]
-  mb = lambda b: "-" if b is None else f"{b / 1e6:,.1f}"
+  # Custom calls (the cpu kernels) carry no cost analysis: "-".
+  mb = lambda b: "-" if b is None or not b > 0 else f"{b / 1e6:,.1f}"
   lines = [
       f"{result['device']} ({result['platform']}): table {s['slots']} x {s['dim']} {s['dtype']}, "
       f"{s['tokens']} tokens x bag {s['bag']}",
@@ -151,12 +176,13 @@ def table(result) -> str:
       "backward MB floor / compiled | forward GB/s at floor |",
       "|---|---:|---:|---:|---:|---:|",
   ]
+  ms = lambda t: "-" if t is None else f"{t * 1e3:.2f}"
   for name, r in result["impls"].items():
+    rate = "-" if r["forward_s"] is None else f"{floor['forward'] / r['forward_s'] / 1e9:.1f}"
     lines.append(
-        f"| {name} | {r['forward_s'] * 1e3:.2f} | {r['backward_s'] * 1e3:.2f} | "
+        f"| {name} | {ms(r['forward_s'])} | {ms(r['backward_s'])} | "
         f"{mb(floor['forward'])} / {mb(r['forward_compiled_bytes'])} | "
-        f"{mb(floor['backward'])} / {mb(r['backward_compiled_bytes'])} | "
-        f"{floor['forward'] / r['forward_s'] / 1e9:.1f} |"
+        f"{mb(floor['backward'])} / {mb(r['backward_compiled_bytes'])} | {rate} |"
     )
   return "\n".join(lines)
 
@@ -170,10 +196,13 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--tpu-cost", metavar="TOPOLOGY",
+                      help="also compile pallas_tpu for this libtpu topology (e.g. v5e:2x2) and "
+                           "report its compiled bytes (needs libtpu, no TPU)")
   parser.add_argument("--json", type=pathlib.Path)
   args = parser.parse_args(argv)
   result = run(args.slots, args.dim, args.tokens, args.bag, jnp.dtype(args.dtype), args.repeats,
-               with_torch=not args.no_torch)
+               with_torch=not args.no_torch, tpu_cost=args.tpu_cost)
   print(table(result))
   if args.json:
     args.json.write_text(json.dumps(result, indent=2))

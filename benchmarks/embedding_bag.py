@@ -3,14 +3,14 @@
   python benchmarks/embedding_bag.py [--slots 65536] [--dim 256] [--tokens 2048] [--bag 128]
       [--dtype float32] [--repeats 5] [--tpu-cost v5e:2x2] [--json FILE]
 
-For every impl that runs on this platform (`pallas_tpu` only on a TPU: interpret mode times
-nothing real) plus torch's `F.embedding_bag` on CPU, and with `--tpu-cost` the `pallas_tpu` impl compiled for a
-TPU chip through libtpu (its compiled bytes only): the median time of a forward and of a forward
-plus backward (table and weight gradients), with uniform random ids. Beside them, the floor: the
-bytes a call cannot avoid moving (each lookup's row read once, the ids, weights and output; the
+For every impl that runs on this platform (`pallas_tpu` only on a TPU: interpret mode times nothing
+real) plus torch's `F.embedding_bag` on CPU, and with `--tpu-cost` the `pallas_tpu` impl compiled
+for a TPU chip through libtpu (its compiled bytes only): the median time of a forward and of a
+forward plus backward (table and weight gradients), with uniform random ids. Beside them, the floor:
+the bytes a call cannot avoid moving (each lookup's row read once, the ids, weights and output; the
 backward also reads the output gradient and writes the dense table gradient), and the compiled
-program's own estimate (XLA's cost analysis, "bytes accessed"). On CPU the floor is DRAM traffic
-if nothing hit the caches; on a TPU it is HBM traffic, the bound on the time.
+program's own estimate (XLA's cost analysis, "bytes accessed"). On CPU the floor is DRAM traffic if
+nothing hit the caches; on a TPU it is HBM traffic, the bound on the time.
 """
 
 from __future__ import annotations

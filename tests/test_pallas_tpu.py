@@ -1,5 +1,6 @@
-"""pallas_kernels.tpu: the `pallas_tpu` lookup equals the `xla` one in interpret mode on CPU, and its
-kernels compile through libtpu (Mosaic) for v5e, v5p and v6e at the paper's per-device shapes."""
+"""pallas_kernels.tpu: the `pallas_tpu` lookup equals the `xla` one in interpret mode on CPU, and
+its kernels compile through libtpu (Mosaic) for v5e, v5p and v6e at the paper's per-device shapes.
+"""
 
 import functools
 import re

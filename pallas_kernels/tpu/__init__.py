@@ -1,10 +1,10 @@
 """Pallas TPU kernels for the memory lookup: the `pallas_tpu` impl of `memjax.ops.embedding_bag`.
 
 `embedding_bag.py` holds the three kernels (forward gather-sum, weight-gradient gather-dot,
-row-sorted table gradient after an XLA sort) and their design note; `ops.py` fits them to the op's contract. On a
-TPU they compile through Mosaic; on any other platform they run in Pallas's TPU interpret mode,
-slowly but with the same copies and sums, which is how the tests check them against the `xla`
-impl on CPU.
+row-sorted table gradient after an XLA sort) and their design note; `ops.py` fits them to the op's
+contract. On a TPU they compile through Mosaic; on any other platform they run in Pallas's interpret
+mode, slowly but with the same copies and sums, which is how the tests check them against the `xla`
+impl on CPU (inside shard_map off TPU, the XLA twin runs instead: see `ops.py`).
 """
 
 from __future__ import annotations

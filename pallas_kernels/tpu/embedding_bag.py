@@ -3,20 +3,22 @@
 Design note.
 
 The table (S, V) is far larger than VMEM, and a bag reads K scattered rows per token, so the table
-stays in HBM (`pl.ANY`) and each needed row is copied by its own DMA; nothing else reads it. Every
+stays in HBM (`pl.ANY`) and each needed row is copied by its own DMA (a bfloat16 table's rows in
+pairs, see "Row copies" below); nothing else reads it. Every
 kernel's grid runs over blocks of the work (tokens or table rows) and column tiles of width
 `block_dim` (a multiple of 128 lanes, or all of V).
 
-- `gather_bag` (forward) and `gather_dot` (weight gradient) share one copy pattern. A grid step
-  owns `block_tokens` tokens. Their indices arrive in SMEM as an auto-pipelined (block_tokens, K)
-  block: the whole (N, K) array (4 MiB at 8192 x 128) would not fit SMEM, a block of it does.
-  The step copies each token's K rows into one slot of a VMEM ring of `tokens_in_flight` + 1
-  slots (K_pad x block_dim each), `tokens_in_flight` tokens ahead of the token being reduced, so
-  `tokens_in_flight` x K row copies are in flight while the vector and matrix units work. All K
-  copies of a slot signal that slot's DMA semaphore. The reduction is one matrix product per
-  token on the MXU with float32 accumulation: (1, K_pad) weights x (K_pad, block_dim) rows for
-  the forward, (1, block_dim) dOut x (K_pad, block_dim)^T for the weight gradient. K is padded
-  to a multiple of 128 lanes; the padded rows of the ring are zeroed each step and never copied.
+- `gather_bag` (forward) and `gather_dot` (weight gradient) share one copy pattern. A grid step owns
+  `block_tokens` tokens. Their indices arrive in SMEM as an auto-pipelined (block_tokens, K) block:
+  the whole (N, K) array (4 MiB at 8192 x 128) would not fit SMEM, a block of it does. The step
+  copies each token's K rows into one slot of a VMEM ring of `tokens_in_flight` + 1 slots (K_pad x
+  block_dim each), `tokens_in_flight` tokens ahead of the token being reduced, so `tokens_in_flight`
+  x K row copies are in flight while the vector and matrix units work. All K copies of a slot signal
+  that slot's DMA semaphore. The reduction is one matrix product per token on the MXU (two for
+  bfloat16: the pairs' even and odd rows) with float32 accumulation: (1, K_pad) weights x (K_pad,
+  block_dim) rows for the forward, (1, block_dim) dOut x (K_pad, block_dim)^T for the weight
+  gradient. K is padded to a multiple of 128 lanes; the padded rows of the ring are zeroed each step
+  and never copied.
 - `sorted_row_grad` (table gradient) needs no atomics: outside the kernel, JAX sorts the
   (row, token) pairs by row (a stable sort, so the order of every sum is fixed) and finds where
   each block of `block_rows` table rows starts in that order (scalar-prefetched to SMEM). A grid
@@ -32,13 +34,16 @@ kernel's grid runs over blocks of the work (tokens or table rows) and column til
 Products run at `Precision.HIGHEST` (float32 through the bf16 MXU passes), so a float32 table
 gives float32 results, and a bfloat16 table's rows enter exactly.
 
-The entry points lower to Mosaic when the lowering platform is TPU and run in Pallas's TPU
-interpret mode elsewhere (CPU tests, and the sharded lookup on simulated CPU devices).
+Default blocks: 32 tokens a step with 2 tokens' copies in flight (256 row copies at K = 128),
+all of V up to 2048 lanes a step (1024 for the table gradient), 256 gradient rows a step and
+chunks of 128 entries. At V = 1024 that is 1.5 MiB of VMEM ring for the forward and 3 MiB for the
+table gradient, inside every generation's default scoped VMEM.
+
+Each entry point takes `interpret`: Mosaic by default, or one of Pallas's interpreters on any
+backend. `ops.py` picks by the platform it lowers for.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +64,9 @@ def _check_block_dim(dim: int, block_dim: int | None, cap: int) -> int:
   if block_dim is None:
     if dim <= cap:
       return dim
-    block_dim = max(b for b in range(LANES, cap + 1, LANES) if dim % b == 0) if dim % LANES == 0 else dim
+    if dim % LANES:
+      return dim
+    block_dim = max(b for b in range(LANES, cap + 1, LANES) if dim % b == 0)
   if dim % block_dim or (block_dim != dim and block_dim % LANES):
     raise ValueError(
         f"block_dim must divide the value dim {dim} and be a multiple of {LANES} (or all of it), "
@@ -223,7 +230,8 @@ def _table_ref(values_hbm, packed):
 
 def gather_bag(
     values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, *, block_tokens: int = 32,
-    block_dim: int | None = None, tokens_in_flight: int = 2, interpret: bool | pltpu.InterpretParams = False,
+    block_dim: int | None = None, tokens_in_flight: int = 2,
+    interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
   """out[t] = sum_k w[t, k] * values[idx[t, k]], float32.
 
@@ -298,7 +306,8 @@ def gather_bag(
 
 def gather_dot(
     values_SV: jax.Array, idx_NK: jax.Array, dout_NV: jax.Array, *, block_tokens: int = 32,
-    block_dim: int | None = None, tokens_in_flight: int = 2, interpret: bool | pltpu.InterpretParams = False,
+    block_dim: int | None = None, tokens_in_flight: int = 2,
+    interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
   """dw[t, k] = <dout[t], values[idx[t, k]]>, float32: the forward's copies, a dot instead of a sum.
 

@@ -8,27 +8,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.embedding_bag import bag_backward_xla, bag_forward_xla
+from memjax.ops.embedding_bag import _varying_axes, bag_backward_xla, bag_forward_xla
 from pallas_kernels.tpu import embedding_bag as kernels
 
 _NATIVE_TABLES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _NATIVE_FLOATS = (*_NATIVE_TABLES, jnp.dtype(jnp.float16))
 
 
-def _varying_axes(*arrays: jax.Array) -> set:
-  axes = set()
-  for a in arrays:
-    manual = jax.typeof(a).manual_axis_type
-    axes |= set(manual.varying) if manual is not None else set()
-  return axes
-
-
 def _interpreted(kernel, twin, *args, **kwargs):
   """`kernel` in interpret mode; inside shard_map, its pure-JAX twin.
 
   Pallas's plain interpreter loses its operands' varying-axes types inside shard_map, which
-  jax 0.10 rejects, and the TPU interpreter's callbacks cannot sit in `platform_dependent`; so a
-  sharded lookup off TPU computes the same sums with XLA ops. On TPU the kernels run everywhere.
+  jax 0.10 rejects; the TPU interpreter's callbacks cannot sit in `platform_dependent` (and on 8
+  simulated devices under shard_map did not finish a toy lookup in 10 minutes here). So a sharded
+  lookup off TPU computes the same sums with XLA ops; on TPU the kernels run everywhere.
   """
   if _varying_axes(*args):
     return twin(*args, **kwargs)

@@ -55,13 +55,14 @@ SMOKE = os.environ.get("MEMJAX_NOTEBOOK_SMOKE") == "1"  # seconds instead of min
 if "google.colab" in sys.modules:
   ROOT = pathlib.Path("/content/memjax")
   if not ROOT.exists():
-    subprocess.run(["git", "clone", "--depth=1", f"https://github.com/{REPO}.git", str(ROOT)], check=True)
+    url = f"https://github.com/{REPO}.git"
+    subprocess.run(["git", "clone", "--depth=1", url, str(ROOT)], check=True)
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True)
 else:
   here = pathlib.Path.cwd()
   ROOT = next((p for p in [here, *here.parents] if (p / "memjax" / "__init__.py").is_file()), None)
   if ROOT is None:
-    raise FileNotFoundError(f"{here} is not inside a memjax checkout: start Jupyter in one, or use Colab")
+    raise FileNotFoundError(f"{here} is not in a memjax checkout: start Jupyter in one")
 # An editable install is only seen by a fresh interpreter; the path makes it importable now.
 sys.path.insert(0, str(ROOT))
 print(f"memjax from {ROOT}; smoke mode {'on' if SMOKE else 'off'}")
@@ -90,13 +91,14 @@ if SMOKE:
   ]
 cfg = config.load("tiny", overrides)
 mem = cfg.model.memory
-print(f"{cfg.model.n_layers} blocks of dim {cfg.model.dim}; memory layers in blocks {list(mem.layers)}")
-print(f"table: {mem.n_keys}² = {mem.n_slots} slots x {cfg.model.value_dim} values, shared: {mem.share_values}")
+print(f"{cfg.model.n_layers} blocks of dim {cfg.model.dim}; memory in blocks {list(mem.layers)}")
+shared = "one table shared by all" if mem.share_values else "one table each"
+print(f"table: {mem.n_keys}² = {mem.n_slots} slots x {cfg.model.value_dim} values, {shared}")
 print(f"a token reads {mem.heads} heads x {mem.knn} slots per memory layer")
 
 # Counting parameters needs only their shapes: nnx.eval_shape allocates nothing.
 counts = parameter_counts(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
-print(f"parameters: {counts['total'] / 1e6:.2f}M in all, {counts['active'] / 1e6:.2f}M used per token")
+print(f"parameters: {counts['total'] / 1e6:.2f}M in all, {counts['active'] / 1e6:.2f}M per token")
 
 # %% [markdown]
 # ## Training
@@ -110,7 +112,8 @@ print(f"parameters: {counts['total'] / 1e6:.2f}M in all, {counts['active'] / 1e6
 # %%
 from memjax.training import loop
 
-RUN_DIR = pathlib.Path(os.environ.get("MEMJAX_RUNS", ROOT / "runs")) / ("quickstart_smoke" if SMOKE else "quickstart")
+RUNS = pathlib.Path(os.environ.get("MEMJAX_RUNS", ROOT / "runs"))
+RUN_DIR = RUNS / ("quickstart_smoke" if SMOKE else "quickstart")
 final = loop.run(cfg, RUN_DIR)
 
 # %% [markdown]
@@ -130,10 +133,14 @@ eval_log = [r for r in records if "eval/loss" in r]
 
 fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(11, 3.8))
 ax_loss.plot([r["step"] for r in train_log], [r["train/loss"] for r in train_log], label="train")
-ax_loss.plot([r["step"] for r in eval_log], [r["eval/loss"] for r in eval_log], "o-", label="held-out")
+ax_loss.plot(
+    [r["step"] for r in eval_log], [r["eval/loss"] for r in eval_log], "o-", label="held-out"
+)
 ax_loss.set(xlabel="step", ylabel="loss (nats per byte)", title="loss")
 ax_loss.legend()
-attributes = sorted(k for k in eval_log[-1] if k.startswith("recall/") and k not in ("recall/all", "recall/chance"))
+attributes = sorted(
+    k for k in eval_log[-1] if k.startswith("recall/") and k not in ("recall/all", "recall/chance")
+)
 for key in ["recall/all", *attributes]:
   ax_recall.plot(
       [r["step"] for r in eval_log], [r[key] for r in eval_log],
@@ -145,14 +152,18 @@ ax_recall.set(xlabel="step", ylabel="exact-match recall", title="fact recall", y
 ax_recall.legend(fontsize=7, ncol=2)
 plt.tight_layout()
 plt.show()
-print(f"final: held-out loss {final['eval/loss']:.3f}, recall {final['recall/all']:.1%} (chance {final['recall/chance']:.1%})")
+print(
+    f"final: held-out loss {final['eval/loss']:.3f}, recall {final['recall/all']:.1%} "
+    f"(chance {final['recall/chance']:.1%})"
+)
 
 # %% [markdown]
 # ## Inside the memory: one fact
 #
-# We load the final checkpoint as a model (as `python -m memjax.generate` does) and ask it about
-# one person. `memjax.diagnostics.collect_selections` runs the model on a batch and returns, for
-# every memory layer, the slots each head read at every position and their softmax weights.
+# We load the final checkpoint as a model (as `python -m memjax.generate` does) and ask it where
+# people were born. `memjax.diagnostics.collect_selections` runs the model on a batch and
+# returns, for every memory layer, the slots each head read at every position and their softmax
+# weights.
 # The position that matters is the prompt's last token: its output predicts the answer's first
 # token.
 #
@@ -168,34 +179,43 @@ _, model, tokenizer = checkpoint.load_for_inference(RUN_DIR)
 inputs = inputs_lib.make_inputs(cfg)  # the run's probes and held-out batches
 inputs.train.close()  # (its training iterator is not needed here)
 
-probe = next(p for p in inputs.probes if p.attribute == "birth_city")
-prompt, answer = probe_ids(probe, tokenizer)
-(completion,) = generate.greedy_complete(
-    model, [[tokenizer.bos_id, *prompt]], max_new_tokens=len(answer) + 4,
+# Every birth-city probe, completed greedily in one batch; we look at the first one recalled.
+candidates = [p for p in inputs.probes if p.attribute == "birth_city"]
+ids = [probe_ids(p, tokenizer) for p in candidates]
+completions = generate.greedy_complete(
+    model, [[tokenizer.bos_id, *prompt] for prompt, _ in ids],
+    max_new_tokens=max(len(answer) for _, answer in ids) + 4,
     stop_ids=[tokenizer.eos_id, *tokenizer.encode(".")],
 )
-print(f"{probe.prompt!r} -> {tokenizer.decode(completion)!r} (expected {probe.answer!r})")
+recalled = [i for i, (done, (_, answer)) in enumerate(zip(completions, ids)) if done == answer]
+print(f"{len(recalled)} of {len(candidates)} birth cities recalled")
+pick = recalled[0] if recalled else 0
+probe, (prompt, answer) = candidates[pick], ids[pick]
+print(f"{probe.prompt!r} -> {tokenizer.decode(completions[pick])!r} (expected {probe.answer!r})")
 
 row = np.asarray([[tokenizer.bos_id, *prompt, *answer]])
 selections = diagnostics.collect_selections(model, row)
 position = len(prompt)  # the prompt's last token (row[0] is BOS)
 for layer, (slots_NHK, weights_NHK) in selections.items():
-  slots_HK, weights_HK = np.asarray(slots_NHK[position]), np.asarray(weights_NHK[position], np.float32)
+  slots_HK = np.asarray(slots_NHK[position])
+  weights_HK = np.asarray(weights_NHK[position], np.float32)
   print(f"block {layer}:")
   for head in range(mem.heads):
     top = ", ".join(
         f"{s} ({s // mem.n_keys},{s % mem.n_keys}) {w:.2f}"
         for s, w in zip(slots_HK[head][:4], weights_HK[head][:4])
     )
-    print(f"  head {head}: {top}, ... ({weights_HK[head][:4].sum():.0%} of the weight in the top 4)")
+    print(f"  head {head}: {top}, ... ({weights_HK[head][:4].sum():.0%} of the weight in these 4)")
 
 # %%
 fig, axes = plt.subplots(
-    len(selections), mem.heads, figsize=(3 * mem.heads, 2.6 * len(selections)), sharey=True, squeeze=False
+    len(selections), mem.heads, figsize=(3 * mem.heads, 2.6 * len(selections)), sharey=True,
+    squeeze=False,
 )
 for r, (layer, (slots_NHK, weights_NHK)) in enumerate(selections.items()):
   for head, ax in enumerate(axes[r]):
-    slots, weights = np.asarray(slots_NHK[position, head]), np.asarray(weights_NHK[position, head], np.float32)
+    slots = np.asarray(slots_NHK[position, head])
+    weights = np.asarray(weights_NHK[position, head], np.float32)
     ax.bar(range(mem.knn), weights, color=f"C{r}")
     ax.set_xticks(range(mem.knn), [str(s) for s in slots], rotation=90, fontsize=6)
     ax.set_title(f"block {layer}, head {head}", fontsize=9)
@@ -220,10 +240,12 @@ for batch in inputs.eval_batches:
 summary = usage.summary()
 print(f"{summary['memory/tokens']:.0f} tokens")
 for layer in mem.layers:
-  stats = {k.rsplit("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"memory/layer{layer}/") and k.count("/") == 2}
+  prefix = f"memory/layer{layer}/"
+  stats = {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)}
   print(
-      f"block {layer}: coverage {stats['coverage']:.1%}, KL from uniform {stats['kl_weight']:.2f} nats, "
-      f"Gini {stats['gini_weight']:.2f}, half the weight in {stats['slots_50pct_weight']:.0f} slots"
+      f"block {layer}: coverage {stats['coverage']:.1%}, KL from uniform "
+      f"{stats['kl_weight']:.2f} nats, Gini {stats['gini_weight']:.2f}, half the weight in "
+      f"{stats['slots_50pct_weight']:.0f} slots"
   )
 
 fig, axes = plt.subplots(1, len(mem.layers) + 1, figsize=(4 * (len(mem.layers) + 1), 3.6))
@@ -235,7 +257,9 @@ for ax, layer in zip(axes, mem.layers):
   share = np.cumsum(np.sort(weight_S)[::-1]) / weight_S.sum()
   axes[-1].plot(np.arange(1, mem.n_slots + 1) / mem.n_slots, share, label=f"block {layer}")
 axes[-1].plot([0, 1], [0, 1], "k:", label="uniform")
-axes[-1].set(xlabel="share of slots (most read first)", ylabel="share of read weight", title="concentration")
+axes[-1].set(
+    xlabel="share of slots (most read first)", ylabel="share of read weight", title="concentration"
+)
 axes[-1].legend()
 plt.tight_layout()
 plt.show()

@@ -49,13 +49,14 @@ SMOKE = os.environ.get("MEMJAX_NOTEBOOK_SMOKE") == "1"  # a shorter text (the te
 if "google.colab" in sys.modules:
   ROOT = pathlib.Path("/content/memjax")
   if not ROOT.exists():
-    subprocess.run(["git", "clone", "--depth=1", f"https://github.com/{REPO}.git", str(ROOT)], check=True)
+    url = f"https://github.com/{REPO}.git"
+    subprocess.run(["git", "clone", "--depth=1", url, str(ROOT)], check=True)
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True)
 else:
   here = pathlib.Path.cwd()
   ROOT = next((p for p in [here, *here.parents] if (p / "memjax" / "__init__.py").is_file()), None)
   if ROOT is None:
-    raise FileNotFoundError(f"{here} is not inside a memjax checkout: start Jupyter in one, or use Colab")
+    raise FileNotFoundError(f"{here} is not in a memjax checkout: start Jupyter in one")
 # An editable install is only seen by a fresh interpreter; the paths make memjax and the
 # oracle importable now.
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -88,7 +89,7 @@ for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     variable.set_value(jnp.asarray(0.1 * rng.standard_normal(variable.shape), variable.dtype))
   elif path[-1] == "weight":  # RMSNorm scales
     variable.set_value(jnp.asarray(1 + 0.1 * rng.standard_normal(variable.shape), variable.dtype))
-print(f"memory layers in blocks {list(cfg.model.memory.layers)}, table {cfg.model.memory.value_dtype}")
+print(f"memory in blocks {list(cfg.model.memory.layers)}, table {cfg.model.memory.value_dtype}")
 
 # %% [markdown]
 # ## Export to the reference's format
@@ -112,7 +113,8 @@ for f in sorted(export_dir.iterdir()):
 state_dict = torch.load(export_dir / "consolidated.pth", weights_only=True)["model"]
 for name in [k for k in state_dict if k.startswith(("tok_embeddings", "layers.1."))]:
   print(f"  {name:48s} {tuple(state_dict[name].shape)} {state_dict[name].dtype}")
-print(json.dumps(json.loads((export_dir / "params.json").read_text())["model"]["productkey_args"], indent=1))
+params = json.loads((export_dir / "params.json").read_text())
+print(json.dumps(params["model"]["productkey_args"], indent=1))
 
 # %% [markdown]
 # ## The checkpoint in PyTorch and in memjax
@@ -133,7 +135,9 @@ first, *others = [f"layers.{i}.feed_forward.values.weight" for i in cfg.model.me
 oracle.load_state_dict(state_dict | {name: state_dict[first] for name in others}, strict=True)
 oracle.eval()
 
-loaded_cfg, loaded = torch_checkpoint.load_consolidated(export_dir, ["model.memory.value_dtype=float32"])
+loaded_cfg, loaded = torch_checkpoint.load_consolidated(
+    export_dir, ["model.memory.value_dtype=float32"]
+)
 _, loaded_bf16 = torch_checkpoint.load_consolidated(export_dir)
 print(f"same model config after the round trip: {loaded_cfg.model == cfg.model}")
 print(f"table dtypes: {loaded.layers[1].feed_forward.values.dtype} (override), "
@@ -151,7 +155,8 @@ print(f"table dtypes: {loaded.layers[1].feed_forward.values.dtype} (override), "
 from memjax.data import ByteTokenizer, biographies, make_people
 
 tokenizer = ByteTokenizer()
-text = " ".join(biographies(make_people(2, seed=0), seed=0))[: 64 if SMOKE else cfg.model.max_seqlen - 1]
+text = " ".join(biographies(make_people(2, seed=0), seed=0))
+text = text[: 64 if SMOKE else cfg.model.max_seqlen - 1]
 tokens_BT = np.asarray([[tokenizer.bos_id, *tokenizer.encode(text)]], np.int32)
 print(text)
 
@@ -167,9 +172,10 @@ with torch.no_grad():
 memjax_selections = diagnostics.collect_selections(loaded, tokens_BT)
 for i, (slots_NHK, _) in memjax_selections.items():
   with torch.no_grad():
-    _, torch_slots_NHK = oracle.layers[i].feed_forward.select(memory_inputs[i].reshape(-1, cfg.model.dim))
+    x_ND = memory_inputs[i].reshape(-1, cfg.model.dim)
+    _, torch_slots_NHK = oracle.layers[i].feed_forward.select(x_ND)
   same = (np.sort(np.asarray(slots_NHK), -1) == np.sort(torch_slots_NHK.numpy(), -1)).all(-1)
-  print(f"block {i}: the same {cfg.model.memory.knn} slots for {same.mean():.1%} of (token, head) pairs")
+  print(f"block {i}: the same {cfg.model.memory.knn} slots for {same.mean():.1%} of (token, head)")
 
 # %% [markdown]
 # With the same slots read, what is left between the logits is the rounding of float32 sums
@@ -184,7 +190,10 @@ memjax_bf16_logits = np.asarray(forward(loaded_bf16, tokens_BT))
 scale = np.abs(torch_logits).max()
 for name, logits in [("float32 table", memjax_logits), ("bfloat16 table", memjax_bf16_logits)]:
   diff = np.abs(logits - torch_logits).max()
-  print(f"memjax ({name}) vs PyTorch: max |diff| {diff:.2e} (logits up to {scale:.2f}: {diff / scale:.1e} of scale)")
+  print(
+      f"memjax ({name}) vs PyTorch: max |diff| {diff:.2e} (logits up to {scale:.2f}: "
+      f"{diff / scale:.1e} of scale)"
+  )
 same_argmax = (memjax_logits.argmax(-1) == torch_logits.argmax(-1)).mean()
 print(f"same next-token argmax at {same_argmax:.0%} of {tokens_BT.shape[1]} positions")
 assert np.abs(memjax_logits - torch_logits).max() <= 1e-4 * scale
@@ -192,7 +201,7 @@ assert np.abs(memjax_logits - torch_logits).max() <= 1e-4 * scale
 # %%
 fig, (ax_scatter, ax_hist) = plt.subplots(1, 2, figsize=(10, 3.8))
 ax_scatter.scatter(torch_logits.ravel(), memjax_logits.ravel(), s=1, alpha=0.3)
-ax_scatter.set(xlabel="PyTorch oracle logit", ylabel="memjax logit", title="every logit of the text")
+ax_scatter.set(xlabel="PyTorch oracle logit", ylabel="memjax logit", title="every logit")
 for name, logits in [("float32 table", memjax_logits), ("bfloat16 table", memjax_bf16_logits)]:
   diff = np.abs(logits - torch_logits).ravel()
   ax_hist.hist(np.log10(np.maximum(diff, 1e-10)), bins=60, alpha=0.6, label=name)
@@ -240,7 +249,8 @@ def differences(ours: dict, defaults: dict) -> dict:
   return out
 
 
-memjax_yaml = yaml.safe_dump(differences(config.to_dict(big), config.to_dict(config.Config())), sort_keys=False)
+defaults = config.to_dict(config.Config())
+memjax_yaml = yaml.safe_dump(differences(config.to_dict(big), defaults), sort_keys=False)
 print(memjax_yaml)
 # The same config, written in memjax's own format, loads back to the same thing.
 (export_dir.parent / "pkplus_373m.yaml").write_text(memjax_yaml)

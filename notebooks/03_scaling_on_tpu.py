@@ -51,13 +51,14 @@ SMOKE = os.environ.get("MEMJAX_NOTEBOOK_SMOKE") == "1"  # small compiles, few st
 if "google.colab" in sys.modules:
   ROOT = pathlib.Path("/content/memjax")
   if not ROOT.exists():
-    subprocess.run(["git", "clone", "--depth=1", f"https://github.com/{REPO}.git", str(ROOT)], check=True)
+    url = f"https://github.com/{REPO}.git"
+    subprocess.run(["git", "clone", "--depth=1", url, str(ROOT)], check=True)
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{ROOT}[tpu]"], check=True)
 else:
   here = pathlib.Path.cwd()
   ROOT = next((p for p in [here, *here.parents] if (p / "memjax" / "__init__.py").is_file()), None)
   if ROOT is None:
-    raise FileNotFoundError(f"{here} is not inside a memjax checkout: start Jupyter in one, or use Colab")
+    raise FileNotFoundError(f"{here} is not in a memjax checkout: start Jupyter in one")
 # An editable install is only seen by a fresh interpreter; the path makes it importable now.
 sys.path.insert(0, str(ROOT))
 print(f"memjax from {ROOT}; smoke mode {'on' if SMOKE else 'off'}")
@@ -73,7 +74,9 @@ print(f"memjax from {ROOT}; smoke mode {'on' if SMOKE else 'off'}")
 import glob
 
 ON_TPU_HOST = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 if not ON_TPU_HOST:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -114,7 +117,9 @@ layouts = {
     "memory=1": config.MeshConfig(data=-1, memory=1),
     "memory=4": config.MeshConfig(data=-1, memory=4),
     "memory=8": config.MeshConfig(data=-1, memory=8),
-    "fsdp=2, memory=4, rows over fsdp": config.MeshConfig(data=-1, fsdp=2, memory=4, table_rows_over_fsdp=True),
+    "fsdp=2, memory=4, rows over fsdp": config.MeshConfig(
+        data=-1, fsdp=2, memory=4, table_rows_over_fsdp=True
+    ),
 }
 tiny = config.load("tiny")
 for name, mesh_cfg in layouts.items():
@@ -124,8 +129,10 @@ for name, mesh_cfg in layouts.items():
     state = state_lib.create_state(cfg, mesh)
   (table,) = jax.tree.leaves(nnx.state(state.params, MemoryValues))  # the shared table
   shard = table.addressable_shards[0].data
-  print(f"\n{name}: mesh {dict(mesh.shape)}, table {table.sharding.spec}; "
-        f"device 0 holds {shard.shape} = {shard.nbytes / 2**20:.2f} of {table.nbytes / 2**20:.2f} MiB")
+  print(
+      f"\n{name}: mesh {dict(mesh.shape)}, table {table.sharding.spec}; device 0 holds "
+      f"{shard.shape} = {shard.nbytes / 2**20:.2f} of {table.nbytes / 2**20:.2f} MiB"
+  )
   jax.debug.visualize_array_sharding(table)
 
 # %% [markdown]
@@ -147,8 +154,10 @@ jax.debug.visualize_array_sharding(wq[...])
 #
 # Below, the same jitted, sharded train step as `train.py`'s runs a few steps on the knowledge
 # corpus. On the simulated CPU devices that is the tiny model with the table over 4 devices. On
-# a TPU runtime it is the paper's 373M architecture, sequences of 1024 tokens, with the table
-# split over every chip and Adam's moments in bfloat16 so that a single 16 GiB chip holds it.
+# a TPU runtime it is the paper's 373M architecture with a quarter of its table (512² slots),
+# 4 sequences of 1024 tokens per chip, the table split over every chip and Adam's moments in
+# bfloat16: compiled for a v5e chip, that needs 13 of its 16 GiB even with the table whole
+# (a Colab v5e-1). On chips with less memory, lower `train.batch_size`.
 
 # %%
 import time
@@ -157,9 +166,12 @@ from memjax.training import inputs as inputs_lib, step as step_lib
 
 if ON_TPU:
   n = jax.device_count()
+  # The xla lookup compiles on every TPU generation (and is the one checked against 16 GiB);
+  # train.py's default, auto, takes the Pallas kernels.
   run_cfg = config.load("pkplus_373m_1024k", [
-      f"mesh.memory={n}", "mesh.data=1", "train.seq_len=1024", f"train.batch_size={4 * n}",
-      "train.opt_state_dtype=bfloat16", "train.steps=100", "data.people=2000",
+      "model.memory.n_keys=512", "model.memory.impl=xla", f"mesh.memory={n}", "mesh.data=1",
+      "train.seq_len=1024", f"train.batch_size={4 * n}", "train.opt_state_dtype=bfloat16",
+      "train.steps=100",
   ])
   steps = 20
 else:
@@ -182,7 +194,10 @@ with jax.set_mesh(mesh):
   inputs.train.close()
 seconds = (time.perf_counter() - start) / max(steps - 1, 1)
 tokens = run_cfg.train.batch_size * run_cfg.train.seq_len
-print(f"mesh {dict(mesh.shape)} on {mesh.devices.flat[0].device_kind}: {seconds:.2f}s per step, {tokens / seconds:,.0f} tokens/s")
+print(
+    f"mesh {dict(mesh.shape)} on {mesh.devices.flat[0].device_kind}: {seconds:.2f}s per step, "
+    f"{tokens / seconds:,.0f} tokens/s"
+)
 print("loss by step:", " ".join(f"{loss:.3f}" for loss in losses))
 
 # %% [markdown]
@@ -219,11 +234,15 @@ import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(7, 3.8))
 labels = [label for label, _ in results]
 bottom = np.zeros(len(results))
-for key, part in [("params_bytes", "parameters"), ("opt_state_bytes", "optimizer state"), ("temp_bytes", "temporaries")]:
+parts = {
+    "params_bytes": "parameters", "opt_state_bytes": "optimizer state", "temp_bytes": "temporaries"
+}
+for key, part in parts.items():
   gib = np.array([f[key] / 2**30 for _, f in results])
   ax.bar(labels, gib, bottom=bottom, label=part)
   bottom += gib
-ax.scatter(labels, [f["hbm_bytes"] / 2**30 for _, f in results], marker="_", s=3000, color="k", label="the chip's HBM")
+hbm = [f["hbm_bytes"] / 2**30 for _, f in results]
+ax.scatter(labels, hbm, marker="_", s=3000, color="k", label="the chip's HBM")
 ax.set(ylabel="GiB per chip", title="the compiled train step, per chip")
 ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
 plt.tight_layout()

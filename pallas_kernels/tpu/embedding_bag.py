@@ -34,10 +34,12 @@ kernel's grid runs over blocks of the work (tokens or table rows) and column til
 Products run at `Precision.HIGHEST` (float32 through the bf16 MXU passes), so a float32 table
 gives float32 results, and a bfloat16 table's rows enter exactly.
 
-Default blocks: 32 tokens a step with 2 tokens' copies in flight (256 row copies at K = 128),
-all of V up to 2048 lanes a step (1024 for the table gradient), 256 gradient rows a step and
-chunks of 128 entries. At V = 1024 that is 1.5 MiB of VMEM ring for the forward and 3 MiB for the
-table gradient, inside every generation's default scoped VMEM.
+Default blocks: 32 tokens a step with about 1 MiB of row copies in flight (2 tokens' at K = 128,
+V = 1024; 16 tokens' at V = 128), all of V up to 2048 lanes a step (1024 for the table
+gradient), 256 gradient rows a step and chunks of 128 entries. At V = 1024 that is 1.5 MiB of VMEM
+ring for the forward (1.1 MiB at V = 128) and 3 MiB for the table gradient, inside every
+generation's default scoped VMEM. The in-flight target is HBM's bandwidth-delay product, reasoned,
+not measured: no TPU has run these kernels.
 
 Each entry point takes `interpret`: Mosaic by default, or one of Pallas's interpreters on any
 backend. `ops.py` picks by the platform it lowers for.
@@ -174,16 +176,24 @@ def _gather_rows_per_token(table_hbm, idx_smem, rows_vmem, sems, *, bag, packed,
   jax.lax.fori_loop(0, n_tokens, token, 0)
 
 
+# Bytes of row copies to keep in flight when `tokens_in_flight` is not given: about HBM's
+# bandwidth-delay product (~1 TB/s x ~1 us), so that the copies' latency hides behind each other.
+_IN_FLIGHT_BYTES = 1 << 20
+
+
 def _token_grid(values_SV, idx_NK, block_tokens, block_dim, tokens_in_flight):
-  """The table (uint32 row pairs if bfloat16), padded ids, their parities and the grid."""
+  """The table (uint32 row pairs if bfloat16), padded ids, their parities, the grid, the ring."""
   n_slots, dim = values_SV.shape
   n_tokens, bag = idx_NK.shape
   _check_table(values_SV)
-  _check_positive(block_tokens=block_tokens, tokens_in_flight=tokens_in_flight)
+  _check_positive(block_tokens=block_tokens)
   if block_tokens % 8:
     raise ValueError(f"block_tokens must be a multiple of 8 (sublanes), got {block_tokens}")
   block_dim = _check_block_dim(dim, block_dim, cap=2048)
   bag_pad = _round_up(bag, LANES)
+  if tokens_in_flight is None:
+    tokens_in_flight = max(2, min(block_tokens, -(-_IN_FLIGHT_BYTES // (bag_pad * block_dim * 4))))
+  _check_positive(tokens_in_flight=tokens_in_flight)
   tokens_pad = _round_up(n_tokens, block_tokens)
   # Clamped ids: the op's contract (out-of-range reads the edge row), and no DMA outside the table.
   idx_NK = jnp.clip(idx_NK.astype(jnp.int32), 0, n_slots - 1)
@@ -196,7 +206,8 @@ def _token_grid(values_SV, idx_NK, block_tokens, block_dim, tokens_in_flight):
   grid = (tokens_pad // block_tokens, dim // block_dim)
   ring = pltpu.VMEM((tokens_in_flight + 1, bag_pad, block_dim), word_dtype)
   sems = pltpu.SemaphoreType.DMA((tokens_in_flight + 1,))
-  return values_SV, idx_NK, odd_NK, grid, block_dim, bag_pad, tokens_pad, [ring, sems]
+  return (values_SV, idx_NK, odd_NK, grid, block_dim, bag_pad, tokens_pad, tokens_in_flight,
+          [ring, sems])
 
 
 def _token_cost(tokens_pad, bag, bag_pad, dim):
@@ -230,7 +241,7 @@ def _table_ref(values_hbm, packed):
 
 def gather_bag(
     values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, *, block_tokens: int = 32,
-    block_dim: int | None = None, tokens_in_flight: int = 2,
+    block_dim: int | None = None, tokens_in_flight: int | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
   """out[t] = sum_k w[t, k] * values[idx[t, k]], float32.
@@ -246,6 +257,8 @@ def gather_bag(
       2048 lanes.
     tokens_in_flight: tokens whose K row copies run ahead of the one being summed; the VMEM ring
       holds tokens_in_flight + 1 slots of (K_pad, block_dim) rows (float32 or uint32 pairs).
+      Default: enough for about 1 MiB of copies in flight (2 tokens at K = 128, V = 1024; 16 at
+      V = 128), at least 2 and at most block_tokens.
     interpret: instead of compiling with Mosaic, run on any backend in Pallas's interpret mode:
       True for the plain one (the kernel's copies and sums as XLA ops), or
       `pltpu.InterpretParams()` for the TPU one (simulated DMAs, semaphores, bounds checks).
@@ -256,9 +269,8 @@ def gather_bag(
   n_tokens, bag = idx_NK.shape
   dim = values_SV.shape[1]
   packed = values_SV.dtype == jnp.bfloat16
-  values_SV, idx_NK, odd_NK, grid, block_dim, bag_pad, tokens_pad, scratch = _token_grid(
-      values_SV, idx_NK, block_tokens, block_dim, tokens_in_flight
-  )
+  values_SV, idx_NK, odd_NK, grid, block_dim, bag_pad, tokens_pad, tokens_in_flight, scratch = (
+      _token_grid(values_SV, idx_NK, block_tokens, block_dim, tokens_in_flight))
   w_NK = jnp.pad(w_NK.astype(jnp.float32), ((0, tokens_pad - n_tokens), (0, bag_pad - bag)))
   # bfloat16: the even rows' weights and the odd rows' weights; float32: the weights twice, unused.
   w_pair = (w_NK * (1.0 - odd_NK), w_NK * odd_NK) if packed else (w_NK, w_NK)
@@ -306,7 +318,7 @@ def gather_bag(
 
 def gather_dot(
     values_SV: jax.Array, idx_NK: jax.Array, dout_NV: jax.Array, *, block_tokens: int = 32,
-    block_dim: int | None = None, tokens_in_flight: int = 2,
+    block_dim: int | None = None, tokens_in_flight: int | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
   """dw[t, k] = <dout[t], values[idx[t, k]]>, float32: the forward's copies, a dot instead of a sum.
@@ -325,9 +337,8 @@ def gather_dot(
   n_tokens, bag = idx_NK.shape
   dim = values_SV.shape[1]
   packed = values_SV.dtype == jnp.bfloat16
-  values_SV, idx_NK, odd_NK, grid, block_dim, bag_pad, tokens_pad, scratch = _token_grid(
-      values_SV, idx_NK, block_tokens, block_dim, tokens_in_flight
-  )
+  values_SV, idx_NK, odd_NK, grid, block_dim, bag_pad, tokens_pad, tokens_in_flight, scratch = (
+      _token_grid(values_SV, idx_NK, block_tokens, block_dim, tokens_in_flight))
   dout_NV = jnp.pad(dout_NV.astype(jnp.float32), ((0, tokens_pad - n_tokens), (0, 0)))
   if not packed:
     odd_NK = jnp.zeros_like(idx_NK, jnp.float32)  # unused

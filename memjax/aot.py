@@ -5,8 +5,8 @@
 Needs libtpu (`pip install -e '.[tpu]'`); no TPU. The compile is the real one (XLA's TPU
 compiler, through jax's ahead-of-time path), so it enforces what only hardware would otherwise
 tell: per-device HBM of parameters, optimizer state and temporaries, against the chip's. Also
-prints the compiled FLOPs and bytes accessed per step. The lookup compiles with the `xla` impl
-unless a TPU kernel is registered.
+prints the compiled FLOPs and bytes accessed per step. The lookup compiles with the impl a TPU
+run would pick (`auto`: the Pallas kernels, `pallas_tpu`) unless the config names another.
 """
 
 from __future__ import annotations
@@ -86,6 +86,9 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
   from jax.experimental import topologies
 
   libtpu_name, generation, chips = parse_topology(topology)
+  if cfg.model.memory.impl == "auto":  # what `auto` picks on the TPU, not on this machine
+    memory_cfg = dataclasses.replace(cfg.model.memory, impl="pallas_tpu")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=memory_cfg))
   topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name)
   devices = topo.devices
   mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -109,6 +112,7 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
       "devices": len(devices),
       "device_kind": devices[0].device_kind,
       "mesh": dict(mesh.shape),
+      "impl": cfg.model.memory.impl,
       "compile_s": seconds,
       "params_bytes": state_lib.tree_bytes_per_device(abstract.params),
       "opt_state_bytes": state_lib.tree_bytes_per_device(abstract.opt_state),
@@ -126,7 +130,7 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
 def report(f: dict) -> str:
   return "\n".join([
       f"{f['topology']} ({f['libtpu_topology']}, {f['devices']} x {f['device_kind']}), mesh "
-      f"{f['mesh']}; compiled in {f['compile_s']:.0f}s",
+      f"{f['mesh']}, lookup impl {f['impl']}; compiled in {f['compile_s']:.0f}s",
       f"per device: parameters {_gib(f['params_bytes'])}, optimizer state "
       f"{_gib(f['opt_state_bytes'])}, temporaries {_gib(f['temp_bytes'])}; total "
       f"{_gib(f['total_bytes'])} of {_gib(f['hbm_bytes'])} HBM: "
@@ -144,7 +148,7 @@ def main(argv: list[str]) -> int:
   try:
     if topology is None:
       raise config_lib.ConfigError("topology", "give topology=<Cloud TPU name>, e.g. v5p-8")
-    cfg = config_lib.load(path, ["model.memory.impl=xla", *overrides])
+    cfg = config_lib.load(path, overrides)
     print(report(compile_for(cfg, topology)))
   except (config_lib.ConfigError, FileNotFoundError) as error:
     print(f"error: {error}", file=sys.stderr)

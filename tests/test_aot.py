@@ -43,6 +43,7 @@ def test_compiles_the_tiny_train_step_for_a_v5e_slice(capsys):
   assert aot.main(["topology=v5e-4", "model.memory.layers=[1]", "mesh.memory=4"]) == 0
   out = capsys.readouterr().out
   assert "v5e-4 (v5e:2x2" in out and "fits" in out and "FLOPs" in out
+  assert "lookup impl pallas_tpu" in out  # auto: what a TPU run picks
 
 
 def test_cli_errors_name_the_field(capsys):
@@ -57,10 +58,11 @@ def test_cli_errors_name_the_field(capsys):
 @pytest.mark.parametrize("topology,memory", [("v5p-8", 4), ("v5e-8", 8)])
 def test_the_373m_memory_model_fits_its_slices(topology, memory):
   """The paper's 373M Memory+ model (a 1024^2 x 1024 bfloat16 table) on one small slice, the
-  table's columns split over every chip."""
-  cfg = config.load("pkplus_373m_1024k", ["model.memory.impl=xla", f"mesh.memory={memory}"])
+  table's columns split over every chip, with the lookup a TPU run uses (the Pallas kernels)."""
+  cfg = config.load("pkplus_373m_1024k", [f"mesh.memory={memory}"])
   figures = aot.compile_for(cfg, topology)
   print(aot.report(figures))
+  assert figures["impl"] == "pallas_tpu"
   assert figures["fits"], aot.report(figures)
   table = 1024**2 * 1024 * 2  # bfloat16
   assert figures["params_bytes"] < table  # the table is split, not replicated

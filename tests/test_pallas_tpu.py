@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from memjax import aot, config
+from memjax import aot
 from memjax.ops import embedding_bag
 from memjax.ops.memory_parallel import sharded_embedding_bag
 from pallas_kernels.tpu import embedding_bag as kernels
@@ -222,12 +222,3 @@ def test_the_sharded_lookup_compiles_the_kernels_for_a_tpu_mesh():
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
   # The forward, the table gradient and the weight gradient: three Mosaic kernels.
   assert len(set(re.findall(r"memjax_(gather_bag|gather_dot|sorted_row_grad)", hlo))) == 3
-
-
-@needs_libtpu
-@pytest.mark.slow
-def test_the_373m_train_step_compiles_with_the_kernels_for_v5p_8():
-  cfg = config.load("pkplus_373m_1024k", ["model.memory.impl=pallas_tpu", "mesh.memory=4"])
-  figures = aot.compile_for(cfg, "v5p-8")
-  print(aot.report(figures))
-  assert figures["fits"], aot.report(figures)

@@ -44,8 +44,14 @@ def _by_platform(kernel, twin, *args, **kwargs):
 
 
 def _native(values_SV: jax.Array, *floats: jax.Array) -> bool:
-  # float64 (under jax_enable_x64) and other table types go to the XLA twin.
-  return values_SV.dtype in _NATIVE_TABLES and all(a.dtype in _NATIVE_FLOATS for a in floats)
+  """Whether the kernels take these operands; others go to the XLA twin: float64 (under
+  jax_enable_x64) and other dtypes, and rows narrower than whole 128-lane tiles (a small model's
+  table, or its column slice on a wide memory axis), which Mosaic cannot copy one row at a time."""
+  return (
+      values_SV.dtype in _NATIVE_TABLES
+      and all(a.dtype in _NATIVE_FLOATS for a in floats)
+      and values_SV.shape[1] % kernels.LANES == 0
+  )
 
 
 def bag_forward(values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:

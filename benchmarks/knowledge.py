@@ -52,6 +52,8 @@ DEFAULT_MODELS = [
     ("MoE d128", "moe", []),
     ("PEER d128", "peer", []),
     ("dense d96", "dense", ["model.dim=96"]),
+    # The paper's recipe for small models (the reference code has no qk-norm).
+    ("Memory+ d128 qk-norm", "memory", MEMORY + ["model.memory.qk_norm=true"]),
 ]
 # 360 facts, each sentence seen about 30 times in 400 steps (tiny.yaml's 720 facts in 1000 steps
 # see theirs about 40 times): sized to finish on a shared 2-core machine.

@@ -231,7 +231,7 @@ for name, topology, memory in targets:
 # %%
 import matplotlib.pyplot as plt
 
-fig, ax = plt.subplots(figsize=(7, 3.8))
+fig, ax = plt.subplots(figsize=(8, 3.8))
 labels = [label for label, _ in results]
 bottom = np.zeros(len(results))
 parts = {
@@ -242,7 +242,8 @@ for key, part in parts.items():
   ax.bar(labels, gib, bottom=bottom, label=part)
   bottom += gib
 hbm = [f["hbm_bytes"] / 2**30 for _, f in results]
-ax.scatter(labels, hbm, marker="_", s=3000, color="k", label="the chip's HBM")
+x = np.arange(len(hbm))
+ax.hlines(hbm, x - 0.4, x + 0.4, color="k", label="the chip's HBM")
 ax.set(ylabel="GiB per chip", title="the compiled train step, per chip")
 ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
 plt.tight_layout()

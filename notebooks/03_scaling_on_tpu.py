@@ -177,7 +177,7 @@ if ON_TPU:
 else:
   run_cfg = config.load("tiny", ["mesh.memory=4", "mesh.data=-1"])
   steps = 4 if SMOKE else 20
-mesh = sharding.make_mesh(run_cfg.mesh, DEVICES)
+mesh = sharding.make_mesh(run_cfg.mesh, jax.devices() if ON_TPU else DEVICES)
 with jax.set_mesh(mesh):
   state = state_lib.create_state(run_cfg, mesh)
   train_step, _ = step_lib.jit_train_step(run_cfg, mesh)

@@ -38,9 +38,9 @@ MODELS = {
     "dense": ["model.memory.layers=[]"],
     "Memory": [f"model.memory.layers={SPARSE}", "model.memory.swilu=false"],
     "Memory+": [f"model.memory.layers={SPARSE}"],
-    # Top-2 of 8 experts of half the dense hidden size: the dense FFN's FLOPs per token.
+    # Top-2 of 8 experts of half the dense hidden size (512 at dim 128): the dense FFN's FLOPs.
     "MoE": ["model.memory.layers=[]", f"model.moe.layers={SPARSE}", "model.moe.experts=8",
-            "model.moe.top_k=2", "model.moe.hidden_dim=192"],
+            "model.moe.top_k=2", "model.moe.hidden_dim=256"],
     # Memory+'s heads, knn and k_dim; 64^2 single-neuron experts per layer.
     "PEER": ["model.memory.layers=[]", f"model.peer.layers={SPARSE}", "model.peer.n_keys=64"],
 }

@@ -6,11 +6,10 @@ import pathlib
 import re
 import time
 
+import jupytext
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-jupytext = pytest.importorskip("jupytext")
-nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 # Each notebook and the plots (image/png outputs) it draws.

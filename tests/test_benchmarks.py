@@ -83,3 +83,7 @@ def test_knowledge_smoke(tmp_path):
   assert figures["comparison"].startswith("Memory+ recalls")
   assert (tmp_path / "knowledge_smoke.md").read_text().startswith("knowledge corpus")
   assert (tmp_path / "knowledge_smoke.png").read_bytes()[:4] == b"\x89PNG"
+  # The table and plot again from the saved rows, training nothing.
+  redo = tmp_path / "redo"
+  run_script("knowledge.py", "--from-json", str(out), "--out-dir", str(redo), timeout=120)
+  assert (redo / "knowledge_smoke.md").read_text() == (tmp_path / "knowledge_smoke.md").read_text()

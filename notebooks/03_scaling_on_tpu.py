@@ -156,8 +156,8 @@ jax.debug.visualize_array_sharding(wq[...])
 # corpus. On the simulated CPU devices that is the tiny model with the table over 4 devices. On
 # a TPU runtime it is the paper's 373M architecture with a quarter of its table (512² slots),
 # 4 sequences of 1024 tokens per chip, the table split over every chip and Adam's moments in
-# bfloat16: compiled for a v5e chip, that needs 13 of its 16 GiB even with the table whole
-# (a Colab v5e-1). On chips with less memory, lower `train.batch_size`.
+# bfloat16. Compiled for v5e chips each holding the whole table (as a Colab v5e-1 does), that
+# needs 13 of a chip's 16 GiB. On chips with less memory, lower `train.batch_size`.
 
 # %%
 import time
@@ -210,9 +210,11 @@ print("loss by step:", " ".join(f"{loss:.3f}" for loss in losses))
 # prints the same from a shell.)
 #
 # The paper's 373M Memory+ model (`configs/pkplus_373m_1024k.yaml`: a 1024² x 1024 table in
-# bfloat16 beside 367M other parameters; 4096-token sequences, 8 per step) on a v5p-8 (4 chips of
-# 95 GiB) with the table over all 4, and on a v5e-8 (8 chips of 16 GiB) over all 8. Each compile
-# takes a few minutes on 2 CPU cores; the smoke mode compiles the tiny model instead.
+# bfloat16 beside 367M other parameters) on a v5p-8 (4 chips of 95 GiB) with the table over all
+# 4, and on a v5e-8 (8 chips of 16 GiB) over all 8. The batch is the config's: memjax's default
+# of 16 sequences of 128 tokens (the temporaries grow with it; add `train.batch_size=...` and
+# `train.seq_len=...` overrides to check your own). Each compile takes a few minutes on 2 CPU
+# cores; the smoke mode compiles the tiny model instead.
 
 # %%
 from memjax import aot
@@ -225,7 +227,8 @@ results = []
 for name, topology, memory in targets:
   aot_cfg = config.load(name, ["model.memory.impl=xla", f"mesh.memory={memory}", "mesh.data=-1"])
   figures = aot.compile_for(aot_cfg, topology)
-  print(f"{name} on {aot.report(figures)}\n")
+  batch = f"batch {aot_cfg.train.batch_size} x {aot_cfg.train.seq_len} tokens"
+  print(f"{name}, {batch}, on {aot.report(figures)}\n")
   results.append((f"{name}\n{topology}, memory={memory}", figures))
 
 # %%

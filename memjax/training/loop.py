@@ -259,7 +259,9 @@ def _run(
     if hasattr(run.inputs.train, "close"):
       run.inputs.train.close()  # stops the prefetch thread
   steps_run = int(run.state.step) - run.start_step
-  summary = [f"{steps_run} steps in {time.perf_counter() - started:.0f}s", f"train loss {last_loss:.4f}"]
+  summary = [f"{steps_run} steps in {time.perf_counter() - started:.0f}s"]
+  if steps_run:
+    summary.append(f"train loss {last_loss:.4f}")
   if "eval/loss" in final:
     summary.append(f"eval loss {final['eval/loss']:.4f}")
   if "recall/all" in final:

@@ -44,6 +44,18 @@ def _check(ok: bool, field: str, message: str) -> None:
     raise ConfigError(field, message)
 
 
+def _check_product_keys(n_keys: int, heads: int, knn: int, k_dim: int) -> None:
+  """The product-key selection's sizes, shared by the memory layer and PEER."""
+  _check(n_keys >= 1, "n_keys", f"must be >= 1, got {n_keys}")
+  _check(heads >= 1, "heads", f"must be >= 1, got {heads}")
+  _check(1 <= knn <= n_keys, "knn", f"must be in [1, n_keys={n_keys}], got {knn}")
+  _check(
+      k_dim >= 2 and k_dim % 2 == 0,
+      "k_dim",
+      f"must be even and >= 2 (it is split in two halves), got {k_dim}",
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
   """The product-key memory layers (spec 1.1). N slots = n_keys**2; V = v_dim; K = knn."""
@@ -67,18 +79,7 @@ class MemoryConfig:
   impl: BagImpl = "auto"  # embedding-bag implementation, see memjax.ops.embedding_bag
 
   def __post_init__(self):
-    _check(self.n_keys >= 1, "n_keys", f"must be >= 1, got {self.n_keys}")
-    _check(self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
-    _check(
-        1 <= self.knn <= self.n_keys,
-        "knn",
-        f"must be in [1, n_keys={self.n_keys}], got {self.knn}",
-    )
-    _check(
-        self.k_dim >= 2 and self.k_dim % 2 == 0,
-        "k_dim",
-        f"must be even and >= 2 (it is split in two halves), got {self.k_dim}",
-    )
+    _check_product_keys(self.n_keys, self.heads, self.knn, self.k_dim)
     _check(
         self.v_dim == -1 or self.v_dim > 0,
         "v_dim",
@@ -154,18 +155,7 @@ class PEERConfig:
 
   def __post_init__(self):
     _check_layers(self.layers)
-    _check(self.n_keys >= 1, "n_keys", f"must be >= 1, got {self.n_keys}")
-    _check(self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
-    _check(
-        1 <= self.knn <= self.n_keys,
-        "knn",
-        f"must be in [1, n_keys={self.n_keys}], got {self.knn}",
-    )
-    _check(
-        self.k_dim >= 2 and self.k_dim % 2 == 0,
-        "k_dim",
-        f"must be even and >= 2 (it is split in two halves), got {self.k_dim}",
-    )
+    _check_product_keys(self.n_keys, self.heads, self.knn, self.k_dim)
 
   @property
   def n_experts(self) -> int:

@@ -22,9 +22,13 @@ def _loss(graphdef, params, other, tokens_BT1, balance_coef: float = 0.0):
   """The training loss: cross-entropy plus `balance_coef` times the MoE layers' balance loss
   (0 without MoE layers). Aux: (other state, cross-entropy, balance loss)."""
   model = nnx.merge(graphdef, params, other)
-  logits_BTW, intermediates = nnx.capture(model, nnx.Intermediate)(tokens_BT1[:, :-1])
+  inputs_BT = tokens_BT1[:, :-1]
+  if balance_coef:  # only MoE models record anything the loss needs
+    logits_BTW, intermediates = nnx.capture(model, nnx.Intermediate)(inputs_BT)
+    balance = balance_loss(intermediates)
+  else:
+    logits_BTW, balance = model(inputs_BT), jnp.float32(0)
   ce = cross_entropy(logits_BTW, tokens_BT1[:, 1:])
-  balance = balance_loss(intermediates)
   _, _, other = nnx.split(model, nnx.Param, ...)  # dropout RNG counters advanced
   return ce + balance_coef * balance, (other, ce, balance)
 

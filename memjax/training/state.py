@@ -35,8 +35,9 @@ def model_graphdef(cfg: Config) -> nnx.GraphDef:
   return split_model(abstract)[0]
 
 
-def new_state(cfg: Config, tx: optax.GradientTransformation) -> TrainState:
-  model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+def new_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array | None = None) -> TrainState:
+  """The initial state; `key` (default: the key of `cfg.seed`) seeds every initializer."""
+  model = Transformer(cfg.model, rngs=nnx.Rngs(jax.random.key(cfg.seed) if key is None else key))
   _, params, other = split_model(model)
   zero = jnp.zeros([], jnp.int32)
   return TrainState(zero, params, other, tx.init(params), zero, zero)
@@ -77,7 +78,10 @@ def create_state(cfg: Config, mesh: jax.sharding.Mesh) -> TrainState:
   """The initial state, created by a jitted function straight into its shardings: no device
   ever holds more than its shards."""
   tx = optim.make_optimizer(cfg)
-  return jax.jit(lambda: new_state(cfg, tx), out_shardings=state_shardings(cfg, mesh))()
+  # The key is an argument, not a constant: with none, XLA's GPU compiler constant-folds the
+  # initializers of the whole table on the host (minutes at the 373m config's 2^20 x 1024).
+  init = jax.jit(lambda key: new_state(cfg, tx, key), out_shardings=state_shardings(cfg, mesh))
+  return init(jax.random.key(cfg.seed))
 
 
 def tree_bytes_per_device(tree) -> int:

@@ -9,7 +9,8 @@ Block sizes (keyword arguments, checked up front):
 - backward: a program per (BLOCK_R table rows, BLOCK_V columns); it loads BLOCK_J lookups of a
   row at a time. BLOCK_V defaults to the widest power of two whose slab of the output gradient,
   N x BLOCK_V, fits in about 24 MB, so the dOut rows that the programs in flight gather stay in
-  L2 (50 MB on an H100, 60 MB on an H200).
+  L2 (50 MB on an H100, 60 MB on an H200); num_warps, to as many as give each thread 16 bytes of
+  a row of dOut; BLOCK_J, to 4 where rows average at most 4 lookups, else 8.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def _check_block(name: str, value: int) -> None:
 
 def _default_block_v(dim: int) -> int:
   return min(_pow2_at_least(dim), _MAX_BLOCK_V)
+
+
+def _warps_for_16_byte_loads(block_v: int, itemsize: int) -> int:
+  """Warps that give each thread 16 bytes of a BLOCK_V row (1 to 8): the backward's programs
+  are short and latency-bound, and narrower per-thread loads were 3x slower on an H200."""
+  return max(1, min(8, block_v * itemsize // (16 * 32)))
 
 
 def _native(x: jax.Array) -> jax.Array:
@@ -134,7 +141,8 @@ def sort_lookups(
 
 def backward_launch(
     values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, dout_NV: jax.Array, *,
-    block_r: int = 8, block_j: int = 8, block_v: int | None = None, num_warps: int = 4,
+    block_r: int = 8, block_j: int | None = None, block_v: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 1, heavy_rows_first: bool = True,
 ) -> Launch:
   """The backward's launch (after `sort_lookups`): outputs the (S, V) table gradient in the
@@ -147,7 +155,13 @@ def backward_launch(
     block_v = _default_block_v(dim)
     while block_v > 64 and n_tokens * block_v * dout_NV.dtype.itemsize > _DOUT_SLAB_BYTES:
       block_v //= 2
-  for name, value in (("block_r", block_r), ("block_j", block_j), ("block_v", block_v)):
+  if num_warps is None:
+    num_warps = _warps_for_16_byte_loads(block_v, dout_NV.dtype.itemsize)
+  if block_j is None:
+    # About a row's lookups at once: at 4 a row (the paper's shape) 4 beat 8 by 1.3x on an H200.
+    block_j = 4 if idx_NK.size <= 4 * n_slots else 8
+  for name, value in (("block_r", block_r), ("block_j", block_j), ("block_v", block_v),
+                      ("num_warps", num_warps)):
     _check_block(name, value)
   w_L, order_L, starts_S1, rows_S = sort_lookups(n_slots, idx_NK, w_NK, heavy_rows_first)
   n_blocks = -(-dim // block_v)

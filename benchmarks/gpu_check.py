@@ -10,15 +10,23 @@ Phases, each adding to DIR/gpu_check.json as it ends (a run cut short keeps what
    impl at several shapes, up to the paper's; errors relative to the summed terms' magnitude;
 4. bandwidth at the paper's shapes (a 2^20 x 1024 bfloat16 table, 4096 x 8 tokens, bag 128, uniform
    random ids): forward and backward time of the triton impl (a few block-size variants; the
-   defaults are what `embedding_bag` runs), the xla impl and torch's `F.embedding_bag`. Effective
+   defaults are what `embedding_bag` runs), the xla impl, torch's `F.embedding_bag` and the
+   reference's own Triton kernel (below), each checked against xla once. Effective
    bandwidth counts unique bytes (distinct table rows read, ids, weights, outputs; the backward
    writes the whole dense table gradient) over time; `per_lookup` counts one row read per lookup
    instead, the traffic of a gather that no cache helps;
 5. a train step of the 373m Memory+ shape (`configs/pkplus_373m_1024k.yaml`, fewer layers, batch
    8 x 1024) with each impl.
 
+The reference's kernel (`lingua/product_key/xformer_embeddingbag.py` of facebookresearch/memory,
+CC-BY-NC) is never part of memjax: fetch it into the git-ignored `.device/reference/` and it is
+loaded from there (`--reference`); without it that row says it was skipped. Its forward is
+`embedding_bag_triton` and its backward `embedding_bag_bw_rev_indices` (the reference model's
+default, `bw_algo="reverse_indices"`), fed int64 ids as its model's `topk` gives them.
+
 `--dry-run` runs every phase on the CPU at small shapes, with the `auto` impl (the C++ CPU kernels
-here) standing in for triton and torch on the CPU, so the script itself is tested without a GPU.
+here) standing in for triton, torch on the CPU, and the reference kernel under Triton's
+interpreter, so the script itself is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib.util
 import json
 import os
 import pathlib
 import sys
+import tempfile
 import time
 import traceback
 
@@ -47,7 +57,8 @@ from memjax.ops.embedding_bag import _IMPLS  # noqa: E402
 
 # Weights and output gradients in the model's compute dtype, as the 373m config's bag gets them.
 PAPER = dict(slots=2**20, dim=1024, tokens=4096 * 8, bag=128, dtype="bfloat16", w_dtype="bfloat16")
-DRY = dict(slots=4096, dim=96, tokens=256, bag=16, dtype="bfloat16", w_dtype="bfloat16")
+# A power-of-two dim: the reference kernel loads whole rows with tl.arange(0, dim).
+DRY = dict(slots=4096, dim=128, tokens=256, bag=16, dtype="bfloat16", w_dtype="bfloat16")
 CHECKS = [
     dict(slots=1000, dim=100, tokens=333, bag=70, dtype="float32"),
     dict(slots=4096, dim=1024, tokens=512, bag=128, dtype="bfloat16"),
@@ -55,10 +66,20 @@ CHECKS = [
     PAPER,
 ]
 DRY_CHECKS = [dict(slots=300, dim=100, tokens=33, bag=70, dtype="float32"), DRY]
-FWD_VARIANTS = [dict(), dict(block_k=16), dict(num_warps=8), dict(num_stages=1), dict(block_k=4)]
-BWD_VARIANTS = [dict(), dict(block_v=128), dict(block_v=512), dict(block_j=4), dict(block_r=4),
-                dict(num_warps=8), dict(heavy_rows_first=False)]
-THRESHOLDS = {"fwd": 0.70, "bwd": 0.40}  # of the copy bandwidth (issue 6)
+# Block-size variants timed beside the defaults ({}). At the paper's shape the forward's defaults
+# are 1024 columns, 8 rows in flight and 4 warps; the backward's 256 columns (the dOut slab stays
+# in L2), 1 warp (16 bytes of a row a thread) and 4 lookups at once (rows average 4). The
+# whole-row, one-warp variants are the reference kernel's layout.
+FWD_VARIANTS = [dict(), dict(block_k=16), dict(block_k=4), dict(num_warps=2),
+                dict(block_v=512, num_warps=2), dict(block_v=256, num_warps=1),
+                dict(block_v=1024, num_warps=1), dict(block_v=1024, num_warps=1, block_k=2)]
+BWD_VARIANTS = [dict(), dict(num_warps=2), dict(num_warps=4), dict(block_v=128), dict(block_v=512),
+                dict(block_v=512, num_warps=1), dict(block_v=1024, num_warps=1),
+                dict(block_v=1024, num_warps=2), dict(block_j=2), dict(block_j=8),
+                dict(block_r=4), dict(block_r=16), dict(heavy_rows_first=False),
+                dict(heavy_rows_first=False, block_v=512, num_warps=1)]
+REFERENCE = ROOT / ".device" / "reference" / "xformer_embeddingbag.py"
+THRESHOLDS = {"fwd": 0.70, "bwd": 0.40}  # of the copy bandwidth: the GPU issue's targets
 
 
 def block(x):
@@ -184,6 +205,25 @@ def jax_pass_times(forward, backward, values, idx, w, dout, reps) -> dict:
               bwd_s=median_time(lambda: bwd(values, idx, w, dout), reps))
 
 
+def to_torch(x: jax.Array, dtype):
+  """x as a contiguous torch tensor of dtype, on the GPU without a host round trip."""
+  import torch
+
+  if torch.cuda.is_available():
+    return torch.from_dlpack(jax.block_until_ready(x)).to(dtype).contiguous()
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)  # numpy has no bfloat16
+  return torch.from_numpy(np.asarray(x)).to(dtype).contiguous()
+
+
+def free_torch_memory() -> None:
+  import torch
+
+  gc.collect()
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
+
+
 def torch_pass_times(values, idx, w, dout, reps) -> dict:
   """F.embedding_bag: the forward, and the backward alone (autograd.grad on a kept graph)."""
   import torch
@@ -191,14 +231,6 @@ def torch_pass_times(values, idx, w, dout, reps) -> dict:
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = getattr(torch, str(values.dtype))
-
-  def to_torch(x, dtype):
-    if device == "cuda":  # no host round trip for the 2 GiB table
-      return torch.from_dlpack(jax.block_until_ready(x)).to(dtype)
-    if jnp.issubdtype(x.dtype, jnp.floating):
-      x = x.astype(jnp.float32)  # numpy has no bfloat16
-    return torch.from_numpy(np.asarray(x)).to(dtype)
-
   table = to_torch(values, dtype).detach().requires_grad_(True)
   ids = to_torch(idx, torch.int64)
   # per_sample_weights must have the table's dtype.
@@ -207,12 +239,79 @@ def torch_pass_times(values, idx, w, dout, reps) -> dict:
   forward = lambda: F.embedding_bag(ids, table, per_sample_weights=weights, mode="sum")
   fwd_s = median_time(lambda: forward().detach(), reps)
   out = forward()
-  bwd_s = median_time(
-      lambda: torch.autograd.grad(out, (table, weights), grad_out, retain_graph=True)[0], reps)
+  result = dict(device=device, fwd_s=fwd_s)
+  try:
+    result["bwd_s"] = median_time(
+        lambda: torch.autograd.grad(out, (table, weights), grad_out, retain_graph=True)[0], reps)
+  except NotImplementedError as error:
+    # CUDA torch has no bfloat16 per-sample-weight gradient: time the table gradient alone (a
+    # lower bound on the whole backward), and say so.
+    result["bwd_note"] = f"table gradient only: {error}"
+    weights.requires_grad_(False)
+    out = forward()
+    result["bwd_s"] = median_time(
+        lambda: torch.autograd.grad(out, table, grad_out, retain_graph=True)[0], reps)
   del table, weights, out
-  if device == "cuda":
-    torch.cuda.empty_cache()
-  return dict(fwd_s=fwd_s, bwd_s=bwd_s, device=device)
+  free_torch_memory()
+  return result
+
+
+def load_reference(path: pathlib.Path):
+  """The reference's kernel module, from its git-ignored copy."""
+  spec = importlib.util.spec_from_file_location("reference_xformer_embeddingbag", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def reference_pass_times(path: pathlib.Path, values, idx, w, dout, reps, warmup=2) -> dict:
+  """The reference's Triton forward and reverse-indices backward, timed as torch's row is, and
+  their results against the xla impl (relative to the summed terms' magnitude, as `check`)."""
+  import torch
+
+  if not path.exists():
+    return {"skipped": f"{path} is absent (fetch the reference's xformer_embeddingbag.py there)"}
+  slots, dim = values.shape
+  if dim & (dim - 1):
+    return {"skipped": f"the reference kernel needs a power-of-two dim, got {dim}"}
+  # jax-triton 0.3 empties TRITON_CACHE_DIR, where Triton's own launcher builds its helpers.
+  if not os.environ.get("TRITON_CACHE_DIR"):
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")
+  reference = load_reference(path)
+  dtype = getattr(torch, str(values.dtype))
+  table = to_torch(values, dtype)
+  ids = to_torch(idx, torch.int64)  # as the reference model's topk returns them
+  weights = to_torch(w, dtype)  # its scores are cast to the table's dtype (type_as)
+  grad_out = to_torch(dout, dtype)
+  last = {}  # the results of the last timed calls, checked below
+
+  def forward():
+    last["out"] = reference.embedding_bag_triton(ids, table, weights)
+    return last["out"]
+
+  def backward():
+    last["dvalues"], last["dw"] = reference.embedding_bag_bw_rev_indices(ids, table, weights,
+                                                                         grad_out)
+    return last["dvalues"]
+
+  fwd_s = median_time(forward, reps, warmup)
+  bwd_s = median_time(backward, reps, warmup)
+  got = [jnp.from_dlpack(last[name]) for name in ("out", "dvalues", "dw")]
+  del table, ids, weights, grad_out
+  free_torch_memory()
+
+  def run(values, w, dout):
+    out, vjp = jax.vjp(lambda v, w: embedding_bag(v, idx, w, impl="xla"), values, w)
+    return (out, *vjp(dout))
+
+  run = jax.jit(run)
+  want = run(values, w.astype(values.dtype), dout)
+  scales = run(jnp.abs(values), jnp.abs(w.astype(values.dtype)), jnp.abs(dout))
+  errors = {}
+  for name, g, x, s in zip(("out", "dvalues", "dw"), got, want, scales):
+    diff = jnp.abs(g.astype(jnp.float32) - x.astype(jnp.float32))
+    errors[f"{name}_rel_err"] = float(jnp.max(diff / (s.astype(jnp.float32) + 1e-30)))
+  return dict(fwd_s=fwd_s, bwd_s=bwd_s, **errors)
 
 
 def sweep(values, idx, w, dout, reps: int, run_kernels: bool) -> dict:
@@ -251,7 +350,8 @@ def sweep(values, idx, w, dout, reps: int, run_kernels: bool) -> dict:
   return times
 
 
-def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, run_kernels: bool) -> dict:
+def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, run_kernels: bool,
+              reference: pathlib.Path) -> dict:
   values, idx, w, dout = make_case(0, **shape)
   bytes_ = traffic(values, idx, w)
   rows = {}
@@ -259,6 +359,9 @@ def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, run_ke
     rows[kernel_impl] = attempt(jax_pass_times, *_IMPLS[kernel_impl], values, idx, w, dout, reps)
   rows["xla"] = attempt(jax_pass_times, *_IMPLS["xla"], values, idx, w, dout, max(3, reps // 3))
   rows["torch_embedding_bag"] = attempt(torch_pass_times, values, idx, w, dout, reps)
+  # Without a GPU the reference runs under Triton's interpreter, seconds a call: once, untimed.
+  rows["reference_triton"] = attempt(reference_pass_times, reference, values, idx, w, dout,
+                                     *((reps, 2) if run_kernels else (1, 0)))
   variants = attempt(sweep, values, idx, w, dout, reps, run_kernels=run_kernels)
   for row in rows.values():
     for p in ("fwd", "bwd"):
@@ -277,6 +380,8 @@ def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, run_ke
     verdict[f"{p}_per_lookup_meets_{threshold:.0%}_of_copy"] = (
         kernel[f"{p}_per_lookup_of_copy"] >= threshold)
     verdict[f"{p}_beats_baselines"] = all(kernel[f"{p}_s"] < t for t in others)
+    if f"{p}_s" in rows["reference_triton"]:
+      verdict[f"{p}_beats_reference"] = kernel[f"{p}_s"] < rows["reference_triton"][f"{p}_s"]
   return dict(shape=shape, bytes=bytes_, impls=rows, variants_s=variants, verdict=verdict)
 
 
@@ -337,7 +442,7 @@ def print_table(report: dict) -> None:
     print("|---|---|---|---|---|---|---|")
     for name, r in bw["impls"].items():
       if "fwd_s" not in r:
-        print(f"| {name} | {r} |")
+        print(f"| {name} | {str(r.get('skipped', r.get('error', r)))[:300]} |")
         continue
       print(f"| {name} | {r['fwd_s'] * 1e3:.3f} | {r['fwd_unique_GBps']:.0f} "
             f"({r['fwd_unique_of_copy']:.0%}) | {r['fwd_per_lookup_GBps']:.0f} | "
@@ -347,6 +452,13 @@ def print_table(report: dict) -> None:
       shown = ("built, not run" if seconds is None else
                f"{seconds * 1e3:.3f} ms" if isinstance(seconds, float) else str(seconds)[:300])
       print(f"  variant {name}: {shown}")
+    for name, r in bw["impls"].items():
+      if "bwd_note" in r:
+        print(f"{name} backward: {r['bwd_note'][:200]}")
+    ref = bw["impls"].get("reference_triton", {})
+    if "out_rel_err" in ref:
+      print("reference kernel against xla (relative error): "
+            + ", ".join(f"{k} {ref[k + '_rel_err']:.2e}" for k in ("out", "dvalues", "dw")))
     print("verdict:", json.dumps(bw["verdict"]))
   for c in report.get("checks", []):
     print("check", {k: c.get(k) for k in ("slots", "dim", "tokens", "bag", "dtype", "out", "dvalues", "dw",
@@ -368,7 +480,14 @@ def main() -> None:
   parser.add_argument("--train-layers", type=int, default=12)
   parser.add_argument("--skip-train", action="store_true")
   parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--reference", type=pathlib.Path, default=REFERENCE,
+                      help="the reference's xformer_embeddingbag.py (git-ignored copy)")
   args = parser.parse_args()
+  if args.dry_run:
+    # The reference's kernels run under Triton's interpreter; the flag must be set before triton is
+    # first imported (its own library functions are wrapped then).
+    assert "triton" not in sys.modules
+    os.environ["TRITON_INTERPRET"] = "1"
   args.out.mkdir(parents=True, exist_ok=True)
   path = args.out / "gpu_check.json"
   try:
@@ -390,7 +509,8 @@ def main() -> None:
                       for seed, shape in enumerate(DRY_CHECKS if args.dry_run else CHECKS)]
   save("checks")
   report["bandwidth"] = bandwidth(kernel_impl, DRY if args.dry_run else PAPER, report["copy"]["GBps"],
-                                  args.reps, run_kernels=kernel_impl == "triton")
+                                  args.reps, run_kernels=kernel_impl == "triton",
+                                  reference=args.reference)
   save("bandwidth")
   if not args.skip_train:
     # The dry run trains with the stand-in impl only: the xla step is the same code, compiled again.

@@ -54,7 +54,8 @@ def make_train_step(
   coef = cfg.model.moe.balance_coef if cfg.model.moe.layers else 0.0
   grad_fn = jax.value_and_grad(lambda p, o, t: _loss(graphdef, p, o, t, coef), has_aux=True)
 
-  def train_step(state: TrainState, tokens_BT1: jax.Array) -> tuple[TrainState, dict]:
+  def accumulated_grads(state: TrainState, tokens_BT1: jax.Array):
+    """(other, grads, cross-entropy, balance loss), averaged over the micro-batches in float32."""
     micro_ABT1 = tokens_BT1.reshape(accum, -1, tokens_BT1.shape[-1])
 
     def micro_step(carry, tokens):
@@ -68,11 +69,20 @@ def make_train_step(
         micro_step, (state.other, zeros, jnp.float32(0), jnp.float32(0)), micro_ABT1
     )
     grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
-    loss = ce_sum / accum  # reported: the cross-entropy alone, comparable across models
-    balance = balance_sum / accum
-    finite = jnp.isfinite(loss + balance) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    )
+    return other, grads, ce_sum / accum, balance_sum / accum
+
+  def train_step(state: TrainState, tokens_BT1: jax.Array) -> tuple[TrainState, dict]:
+    if accum == 1:
+      # The same values bit for bit, without a float32 carry as large as the parameters: a
+      # zeroed buffer, an add and a cast back over every parameter, the whole table included.
+      (_, (other, loss, balance)), grads = grad_fn(state.params, state.other, tokens_BT1)
+    else:
+      other, grads, loss, balance = accumulated_grads(state, tokens_BT1)
+    # loss (reported) is the cross-entropy alone, comparable across models.
+    norms = _group_norms(grads)
+    # A sum of squares is finite iff every term is (and none overflows, a step the clip would
+    # zero anyway): the guard rides on the norms' pass instead of its own over every gradient.
+    finite = jnp.isfinite(loss + balance) & jnp.all(jnp.isfinite(jnp.stack(list(norms.values()))))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -84,7 +94,7 @@ def make_train_step(
         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32),
     )
-    metrics = {"loss": loss, "finite": finite, "lr": schedule(state.step), **_group_norms(grads)}
+    metrics = {"loss": loss, "finite": finite, "lr": schedule(state.step), **norms}
     if coef:
       metrics["balance_loss"] = balance
     return new_state, metrics

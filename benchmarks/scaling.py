@@ -14,6 +14,12 @@ For each table size (n_keys = 2^6 .. 2^11) it times, each alone and jitted:
   moments and weight are rewritten each step, read or not);
 - the whole train step;
 and reports the state's bytes (parameters, moments) and the compiled step's temporaries.
+
+The floor of each row is the whole-table traffic that a dense AdamW step cannot avoid, over a copy
+bandwidth measured in the same run: the backward writes the (N, V) gradient; the update reads it,
+the table and both moments, and writes the table and both moments. The copy is a jitted, donated
+in-place scale of a buffer the table's size (read + write; its pages already touched), best of
+the repeats.
 """
 
 from __future__ import annotations
@@ -58,6 +64,27 @@ def best(fn, repeats: int) -> float:
   return min(times)
 
 
+def copy_bandwidth(n_bytes: int, repeats: int) -> float:
+  """Bytes read plus written per second by an in-place jitted scale of an n_bytes buffer."""
+  scale = jax.jit(lambda x: x * np.float32(1.0000001), donate_argnums=0)
+  buffer = [scale(jnp.ones(max(n_bytes // 4, 1), jnp.float32))]  # its pages exist from here on
+
+  def once():
+    buffer[0] = scale(buffer[0])
+    return buffer[0]
+
+  return 2 * n_bytes / best(once, repeats + 2)
+
+
+def dense_update_bytes(cfg: config_lib.Config) -> int:
+  """Whole-table bytes a dense AdamW step moves: gradient written, then read with the table and
+  both moments; the table and both moments written."""
+  rows_cols = cfg.model.memory.n_slots * cfg.model.value_dim
+  table = rows_cols * jnp.dtype(cfg.model.memory.value_dtype).itemsize
+  moment = rows_cols * jnp.dtype(cfg.train.opt_state_dtype).itemsize
+  return 2 * table + 2 * table + 2 * 2 * moment
+
+
 def measure(cfg: config_lib.Config, repeats: int) -> dict:
   mesh = one_device_mesh()
   timed = Timed(cfg, mesh)
@@ -85,9 +112,14 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
   update = jax.jit(
       lambda params, opt_state: optax.apply_updates(params, tx.update(grads, opt_state, params)[0])
   )
+  floor_bytes = dense_update_bytes(cfg)
+  copy_Bps = copy_bandwidth(cfg.model.memory.n_slots * cfg.model.value_dim * 4, repeats)
   return {
       "slots": cfg.model.memory.n_slots,
       "step_s": step_s,
+      "floor_s": floor_bytes / copy_Bps,
+      "floor_bytes": floor_bytes,
+      "copy_GBps": copy_Bps / 1e9,
       "select_s": best(lambda: select(lparams, x_ND), repeats),
       "bag_fwd_bwd_s": best(lambda: bag(values, w_NB), repeats),
       "optimizer_s": best(lambda: update(state.params, state.opt_state), repeats),
@@ -125,14 +157,15 @@ def main() -> None:
       f"jax {jax.__version__}; best of {args.repeats}"
   )
   print("| slots | train step (ms) | selection (ms) | bag fwd+bwd (ms) | optimizer update (ms) | "
-        "step vs 2^%d | params (MiB) | Adam moments (MiB) | step temporaries (MiB) |" % lo)
-  print("|---|---|---|---|---|---|---|---|---|")
+        "whole-table floor (ms) | copy GB/s | step vs 2^%d | params (MiB) | Adam moments (MiB) | "
+        "step temporaries (MiB) |" % lo)
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f}"
   for r in rows:
     print(
         f"| 2^{int(np.log2(r['slots']))} | {r['step_s'] * 1e3:.1f} | {r['select_s'] * 1e3:.2f} | "
         f"{r['bag_fwd_bwd_s'] * 1e3:.2f} | {r['optimizer_s'] * 1e3:.1f} | "
-        f"{r['step_s'] / first['step_s']:.2f}x | {mib(r['params_bytes'])} | "
+        f"{r['floor_s'] * 1e3:.1f} | {r['copy_GBps']:.1f} | {r['step_s'] / first['step_s']:.2f}x | {mib(r['params_bytes'])} | "
         f"{mib(r['opt_state_bytes'])} | {mib(r['temp_bytes'])} |"
     )
   if args.json:

@@ -69,6 +69,11 @@ def test_scaling_smoke(tmp_path):
   # 4 heads x 2 halves x (32 - 16) keys of 16 dims, in float32.
   grown = (rows[1]["params_bytes"] + rows[1]["opt_state_bytes"]) - (rows[0]["params_bytes"] + rows[0]["opt_state_bytes"])
   assert grown == 3 * 4 * ((2**10 - 2**8) * 32 + 4 * 2 * (32 - 16) * 16)
+  # The dense update's floor: 8 float32 passes over the table (gradient written and read; table
+  # and both moments read and written), over a bandwidth measured in the same run.
+  for r in rows:
+    assert r["floor_bytes"] == 8 * 4 * r["slots"] * 32
+    assert r["copy_GBps"] > 0 and r["floor_s"] == pytest.approx(r["floor_bytes"] / r["copy_GBps"] / 1e9)
 
 
 def test_knowledge_smoke(tmp_path):

@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.train_throughput import Timed, one_device_mesh  # noqa: E402
@@ -109,9 +108,8 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
 
   tx = optim.make_optimizer(cfg)
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), state.params)
-  update = jax.jit(
-      lambda params, opt_state: optax.apply_updates(params, tx.update(grads, opt_state, params)[0])
-  )
+  update = jax.jit(lambda params, opt_state: tx.apply(grads, opt_state, params,
+                                                      optim.group_norms(grads)))
   floor_bytes = dense_update_bytes(cfg)
   copy_Bps = copy_bandwidth(cfg.model.memory.n_slots * cfg.model.value_dim * 4, repeats)
   return {

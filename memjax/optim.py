@@ -1,8 +1,17 @@
-"""AdamW as the reference trains memory models (spec 1.7).
+"""AdamW as the reference trains memory models (spec 1.7), fused into one pass per parameter.
 
 The value table is its own group: its own base learning rate (`memory.value_lr`) under the same
 warmup/decay multiplier, and its own global-norm clip; every other parameter shares one clip.
 Weight decay applies to every parameter, the table included, as in the reference.
+
+The update is optax's `chain(clip_by_global_norm, scale_by_adam, add_decayed_weights,
+scale_by_learning_rate)` followed by `apply_updates`, written as one elementwise function of
+(gradient, parameter, moments): the moments are written in place, then the parameter is updated
+from them. Through optax, XLA recomputed the new moments inside the parameter's fusion from the
+old ones, so it copied both moments first, and it materialised the clipped gradient (the compiled
+step's passes are counted in docs/results.md; `benchmarks/scaling.py` reports the floor).
+Arithmetic is in float32; each result is rounded once to its stored dtype, so a bfloat16 table's
+update is rounded once where optax rounded each stage.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from flax import nnx
 from memjax.config import Config
 from memjax.layers import init
 from memjax.layers.memory import MemoryValues
+
+B1, B2, EPS = 0.9, 0.95, 1e-8
 
 
 def lr_multiplier(
@@ -35,61 +46,92 @@ def lr_multiplier(
   )
 
 
-class AdamState(NamedTuple):
-  count: jax.Array
-  mu: optax.Updates
-  nu: optax.Updates
-
-
-def scale_by_adam(b1: float, b2: float, eps: float, state_dtype: jnp.dtype) -> optax.GradientTransformation:
-  """Adam's scaling with both moments stored in `state_dtype` and computed in float32."""
-
-  def init_fn(params):
-    zeros = lambda p: jnp.zeros(p.shape, state_dtype)
-    return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    count = optax.safe_increment(state.count)
-    f32 = lambda x: x.astype(jnp.float32)
-    mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), updates, state.nu)
-    mu_hat = optax.tree.bias_correction(mu, b1, count)
-    nu_hat = optax.tree.bias_correction(nu, b2, count)
-    scaled = jax.tree.map(
-        lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu_hat, nu_hat, updates
-    )
-    store = lambda x: x.astype(state_dtype)
-    return scaled, AdamState(count, jax.tree.map(store, mu), jax.tree.map(store, nu))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 def param_group(variable: nnx.Variable) -> str:
   return "values" if isinstance(variable, MemoryValues) else "dense"
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-  train = cfg.train
-  multiplier = lr_multiplier(train.steps, train.warmup, train.lr_min_ratio, train.scheduler)
-  state_dtype = init.DTYPES[train.opt_state_dtype]
+def _variables(tree) -> list:
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-  def group(base_lr: float) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(train.clip),
-        scale_by_adam(0.9, 0.95, 1e-8, state_dtype),
-        optax.add_decayed_weights(train.weight_decay),
-        optax.scale_by_learning_rate(lambda step: base_lr * multiplier(step)),
-    )
 
-  def labels(params):
-    # Keep each Variable node, labelled inside, so the label tree has the parameters' structure.
-    return jax.tree.map(
-        lambda v: jax.tree.map(lambda _: param_group(v), v),
-        params,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+def group_norms(grads) -> dict[str, jax.Array]:
+  """Global gradient norm of the dense parameters and of the value table (before clipping)."""
+  squares = {"dense": jnp.float32(0), "values": jnp.float32(0)}
+  for variable in _variables(grads):
+    g = variable[...] if isinstance(variable, nnx.Variable) else variable
+    group = param_group(variable) if isinstance(variable, nnx.Variable) else "dense"
+    squares[group] += jnp.sum(jnp.square(g.astype(jnp.float32)))
+  return {k: jnp.sqrt(v) for k, v in squares.items()}
 
-  return optax.multi_transform(
-      {"dense": group(train.lr), "values": group(cfg.model.memory.value_lr)}, labels
-  )
+
+class AdamWState(NamedTuple):
+  count: jax.Array  # int32: updates applied (a skipped, non-finite step is not one)
+  mu: nnx.State  # first moments, in the parameters' structure, in `train.opt_state_dtype`
+  nu: nnx.State  # second moments, likewise
+
+
+class AdamW:
+  """`init(params)` and `apply(grads, state, params, norms, finite) -> (params, state)`."""
+
+  def __init__(self, cfg: Config):
+    train = cfg.train
+    self.multiplier = lr_multiplier(train.steps, train.warmup, train.lr_min_ratio, train.scheduler)
+    self.base_lr = {"dense": train.lr, "values": cfg.model.memory.value_lr}
+    self.clip = train.clip
+    self.weight_decay = train.weight_decay
+    self.state_dtype = init.DTYPES[train.opt_state_dtype]
+
+  def init(self, params) -> AdamWState:
+    zeros = lambda p: jnp.zeros(p.shape, self.state_dtype)
+    return AdamWState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                      jax.tree.map(zeros, params))
+
+  def apply(self, grads, state: AdamWState, params, norms: dict[str, jax.Array],
+            finite: jax.Array = True) -> tuple[nnx.State, AdamWState]:
+    """One AdamW step from `grads` and their `group_norms`; where `finite` is false, the
+    parameters and the state are returned unchanged."""
+    finite = jnp.asarray(finite)
+    count = optax.safe_increment(state.count)
+    corrections = (1 - B1 ** count.astype(jnp.float32), 1 - B2 ** count.astype(jnp.float32))
+    scalars = {}
+    for group, norm in norms.items():
+      # optax's clip_by_global_norm: gradients above the norm are scaled to it.
+      scale = jnp.where(norm < self.clip, jnp.float32(1), self.clip / norm)
+      lr = self.base_lr[group] * self.multiplier(state.count)
+      scalars[group] = (scale, jnp.asarray(lr, jnp.float32))
+
+    def leaf(p, g, m, v):
+      scale, lr = scalars[param_group(p)]
+      new_p, new_m, new_v = self._leaf(p[...], g[...], m[...], v[...], scale, lr, corrections,
+                                       finite)
+      return tuple(x.replace(value) for x, value in ((p, new_p), (m, new_m), (v, new_v)))
+
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    triples = jax.tree.map(leaf, params, grads, state.mu, state.nu, is_leaf=is_var)
+    pick = lambda i: jax.tree.map(lambda t: t[i], triples, is_leaf=lambda x: isinstance(x, tuple))
+    new_count = jnp.where(finite, count, state.count)
+    return pick(0), AdamWState(new_count, pick(1), pick(2))
+
+  def _leaf(self, p, g, m, v, scale, lr, corrections, finite):
+    f32 = jnp.float32
+    g = g.astype(f32) * scale
+    m32 = B1 * m.astype(f32) + (1 - B1) * g
+    v32 = B2 * v.astype(f32) + (1 - B2) * jnp.square(g)
+    if self.state_dtype == f32:
+      # The stored moments are the float32 ones: materialise them (in place of the old ones) and
+      # read them back for the parameter, rather than recomputing them from the old moments.
+      m_new, v_new = jax.lax.optimization_barrier(
+          (jnp.where(finite, m32, m), jnp.where(finite, v32, v)))
+      m32, v32 = m_new, v_new
+    else:
+      m32, v32 = jax.lax.optimization_barrier((m32, v32))
+      m_new = jnp.where(finite, m32.astype(m.dtype), m)
+      v_new = jnp.where(finite, v32.astype(v.dtype), v)
+    update = (m32 / corrections[0]) / (jnp.sqrt(v32 / corrections[1]) + EPS)
+    update = update + self.weight_decay * p.astype(f32)
+    new_p = jnp.where(finite, (p.astype(f32) - lr * update).astype(p.dtype), p)
+    return new_p, m_new, v_new
+
+
+def make_optimizer(cfg: Config) -> AdamW:
+  return AdamW(cfg)

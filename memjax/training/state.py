@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from memjax import optim, sharding
@@ -19,7 +18,7 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32: optimizer steps taken (skipped non-finite steps included)
   params: nnx.State  # the model's nnx.Param variables
   other: nnx.State  # the rest of the model's state (dropout RNG counters)
-  opt_state: optax.OptState
+  opt_state: optim.AdamWState
   bad_steps: jax.Array  # int32: non-finite steps in a row
   skipped: jax.Array  # int32: non-finite steps in all
 
@@ -35,7 +34,7 @@ def model_graphdef(cfg: Config) -> nnx.GraphDef:
   return split_model(abstract)[0]
 
 
-def new_state(cfg: Config, tx: optax.GradientTransformation, key: jax.Array | None = None) -> TrainState:
+def new_state(cfg: Config, tx: optim.AdamW, key: jax.Array | None = None) -> TrainState:
   """The initial state; `key` (default: the key of `cfg.seed`) seeds every initializer."""
   model = Transformer(cfg.model, rngs=nnx.Rngs(jax.random.key(cfg.seed) if key is None else key))
   _, params, other = split_model(model)

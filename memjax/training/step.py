@@ -9,12 +9,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from memjax.config import Config
 from memjax.model import balance_loss, cross_entropy
-from memjax.optim import param_group
+from memjax.optim import AdamW, group_norms
 from memjax.training.state import TrainState
 
 
@@ -33,19 +32,8 @@ def _loss(graphdef, params, other, tokens_BT1, balance_coef: float = 0.0):
   return ce + balance_coef * balance, (other, ce, balance)
 
 
-def _group_norms(grads) -> dict[str, jax.Array]:
-  """Global gradient norm of the dense parameters and of the value table, before clipping."""
-  squares = {"dense": jnp.float32(0), "values": jnp.float32(0)}
-  leaves = jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  for variable in leaves:
-    g = variable[...] if isinstance(variable, nnx.Variable) else variable
-    group = param_group(variable) if isinstance(variable, nnx.Variable) else "dense"
-    squares[group] += jnp.sum(jnp.square(g.astype(jnp.float32)))
-  return {f"grad_norm/{k}": jnp.sqrt(v) for k, v in squares.items()}
-
-
 def make_train_step(
-    cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: Callable
+    cfg: Config, graphdef: nnx.GraphDef, tx: AdamW, schedule: Callable
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
   """train_step(state, tokens_BT1) -> (state, metrics), with gradient accumulation over
   `train.grad_accum` micro-batches and a guard that skips a step whose loss or gradients are not
@@ -79,22 +67,21 @@ def make_train_step(
     else:
       other, grads, loss, balance = accumulated_grads(state, tokens_BT1)
     # loss (reported) is the cross-entropy alone, comparable across models.
-    norms = _group_norms(grads)
+    norms = group_norms(grads)
     # A sum of squares is finite iff every term is (and none overflows, a step the clip would
     # zero anyway): the guard rides on the norms' pass instead of its own over every gradient.
     finite = jnp.isfinite(loss + balance) & jnp.all(jnp.isfinite(jnp.stack(list(norms.values()))))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = tx.apply(grads, state.opt_state, state.params, norms, finite)
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(params, state.params),
-        other=keep(other, state.other),
-        opt_state=keep(opt_state, state.opt_state),
+        params=params,
+        other=jax.tree.map(lambda n, o: jnp.where(finite, n, o), other, state.other),
+        opt_state=opt_state,
         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32),
     )
-    metrics = {"loss": loss, "finite": finite, "lr": schedule(state.step), **norms}
+    metrics = {"loss": loss, "finite": finite, "lr": schedule(state.step),
+               **{f"grad_norm/{group}": norm for group, norm in norms.items()}}
     if coef:
       metrics["balance_loss"] = balance
     return new_state, metrics

@@ -87,7 +87,7 @@ class AdamW:
                       jax.tree.map(zeros, params))
 
   def apply(self, grads, state: AdamWState, params, norms: dict[str, jax.Array],
-            finite: jax.Array = True) -> tuple[nnx.State, AdamWState]:
+            finite: jax.Array | bool = True) -> tuple[nnx.State, AdamWState]:
     """One AdamW step from `grads` and their `group_norms`; where `finite` is false, the
     parameters and the state are returned unchanged."""
     finite = jnp.asarray(finite)

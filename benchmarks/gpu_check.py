@@ -154,23 +154,30 @@ def copy_bandwidth(n_bytes: int, reps: int) -> dict:
   return dict(device=device, bytes=n_bytes, seconds=seconds, GBps=2 * n_bytes / seconds / 1e9)
 
 
-def check(impl: str, shape: dict, seed: int) -> dict:
-  """Max error of impl against xla, relative to the magnitude of the summed terms."""
-  values, idx, w, dout = make_case(seed, **shape)
+@functools.partial(jax.jit, static_argnums=0)
+def bag_and_grads(impl: str, values, idx, w, dout):
+  """(out, dvalues, dw) of impl's embedding bag."""
+  out, vjp = jax.vjp(lambda v, w: embedding_bag(v, idx, w, impl=impl), values, w)
+  return (out, *vjp(dout))
 
-  def run(impl, values, w, dout):
-    out, vjp = jax.vjp(lambda v, w: embedding_bag(v, idx, w, impl=impl), values, w)
-    return (out, *vjp(dout))
 
-  run = jax.jit(run, static_argnums=0)
-  got = run(impl, values, w, dout)
-  want = run("xla", values, w, dout)
-  scales = run("xla", jnp.abs(values), jnp.abs(w), jnp.abs(dout))
+def relative_errors(got, values, idx, w, dout) -> dict:
+  """Max error of each of got = (out, dvalues, dw) against xla, relative to the magnitude of the
+  summed terms (xla's results on absolute values); and whether each is finite."""
+  want = bag_and_grads("xla", values, idx, w, dout)
+  scales = bag_and_grads("xla", jnp.abs(values), idx, jnp.abs(w), jnp.abs(dout))
   errors = {}
   for name, g, x, s in zip(("out", "dvalues", "dw"), got, want, scales):
     diff = jnp.abs(g.astype(jnp.float32) - x.astype(jnp.float32))
     errors[name] = float(jnp.max(diff / (s.astype(jnp.float32) + 1e-30)))
     errors[name + "_finite"] = bool(jnp.all(jnp.isfinite(g)))
+  return errors
+
+
+def check(impl: str, shape: dict, seed: int) -> dict:
+  """Max error of impl against xla, relative to the magnitude of the summed terms."""
+  values, idx, w, dout = make_case(seed, **shape)
+  errors = relative_errors(bag_and_grads(impl, values, idx, w, dout), values, idx, w, dout)
   # Both sides round to the output dtype once: at most one step apart.
   rounding = {"float32": 1e-5, "float16": 2**-10, "bfloat16": 2**-7}
   table_rel = rounding[shape["dtype"]] + 1e-5
@@ -300,17 +307,9 @@ def reference_pass_times(path: pathlib.Path, values, idx, w, dout, reps, warmup=
   del table, ids, weights, grad_out
   free_torch_memory()
 
-  def run(values, w, dout):
-    out, vjp = jax.vjp(lambda v, w: embedding_bag(v, idx, w, impl="xla"), values, w)
-    return (out, *vjp(dout))
-
-  run = jax.jit(run)
-  want = run(values, w.astype(values.dtype), dout)
-  scales = run(jnp.abs(values), jnp.abs(w.astype(values.dtype)), jnp.abs(dout))
-  errors = {}
-  for name, g, x, s in zip(("out", "dvalues", "dw"), got, want, scales):
-    diff = jnp.abs(g.astype(jnp.float32) - x.astype(jnp.float32))
-    errors[f"{name}_rel_err"] = float(jnp.max(diff / (s.astype(jnp.float32) + 1e-30)))
+  # The reference's weights are in the table's dtype: xla gets the same.
+  errors = relative_errors(got, values, idx, w.astype(values.dtype), dout)
+  errors = {f"{name}_rel_err": errors[name] for name in ("out", "dvalues", "dw")}
   return dict(fwd_s=fwd_s, bwd_s=bwd_s, **errors)
 
 

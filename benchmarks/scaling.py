@@ -63,16 +63,22 @@ def best(fn, repeats: int) -> float:
   return min(times)
 
 
+def threaded(fn, carry):
+  """A call that applies fn to its previous result: times a donated, in-place update."""
+  box = [carry]
+
+  def once():
+    box[0] = fn(box[0])
+    return box[0]
+
+  return once
+
+
 def copy_bandwidth(n_bytes: int, repeats: int) -> float:
   """Bytes read plus written per second by an in-place jitted scale of an n_bytes buffer."""
   scale = jax.jit(lambda x: x * np.float32(1.0000001), donate_argnums=0)
-  buffer = [scale(jnp.ones(max(n_bytes // 4, 1), jnp.float32))]  # its pages exist from here on
-
-  def once():
-    buffer[0] = scale(buffer[0])
-    return buffer[0]
-
-  return 2 * n_bytes / best(once, repeats + 2)
+  buffer = scale(jnp.ones(max(n_bytes // 4, 1), jnp.float32))  # its pages exist from here on
+  return 2 * n_bytes / best(threaded(scale, buffer), repeats + 2)
 
 
 def dense_update_bytes(cfg: config_lib.Config) -> int:
@@ -81,7 +87,7 @@ def dense_update_bytes(cfg: config_lib.Config) -> int:
   rows_cols = cfg.model.memory.n_slots * cfg.model.value_dim
   table = rows_cols * jnp.dtype(cfg.model.memory.value_dtype).itemsize
   moment = rows_cols * jnp.dtype(cfg.train.opt_state_dtype).itemsize
-  return 2 * table + 2 * table + 2 * 2 * moment
+  return 4 * table + 4 * moment
 
 
 def measure(cfg: config_lib.Config, repeats: int) -> dict:
@@ -112,12 +118,8 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
   update = jax.jit(lambda params, opt_state, grads: tx.apply(grads, opt_state, params,
                                                              optim.group_norms(grads)),
                    donate_argnums=(0, 1))
-  updated = [jax.tree.map(jnp.copy, (state.params, state.opt_state))]
-
-  def update_once():
-    updated[0] = update(*updated[0], grads)
-    return updated[0]
-
+  update_once = threaded(lambda carry: update(*carry, grads),
+                         jax.tree.map(jnp.copy, (state.params, state.opt_state)))
   floor_bytes = dense_update_bytes(cfg)
   copy_Bps = copy_bandwidth(cfg.model.memory.n_slots * cfg.model.value_dim * 4, repeats)
   return {

@@ -50,14 +50,10 @@ def param_group(variable: nnx.Variable) -> str:
   return "values" if isinstance(variable, MemoryValues) else "dense"
 
 
-def _variables(tree) -> list:
-  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def group_norms(grads) -> dict[str, jax.Array]:
   """Global gradient norm of the dense parameters and of the value table (before clipping)."""
   squares = {"dense": jnp.float32(0), "values": jnp.float32(0)}
-  for variable in _variables(grads):
+  for variable in jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     g = variable[...] if isinstance(variable, nnx.Variable) else variable
     group = param_group(variable) if isinstance(variable, nnx.Variable) else "dense"
     squares[group] += jnp.sum(jnp.square(g.astype(jnp.float32)))
@@ -120,9 +116,8 @@ class AdamW:
     if self.state_dtype == f32:
       # The stored moments are the float32 ones: materialise them (in place of the old ones) and
       # read them back for the parameter, rather than recomputing them from the old moments.
-      m_new, v_new = jax.lax.optimization_barrier(
+      m32, v32 = m_new, v_new = jax.lax.optimization_barrier(
           (jnp.where(finite, m32, m), jnp.where(finite, v32, v)))
-      m32, v32 = m_new, v_new
     else:
       m32, v32 = jax.lax.optimization_barrier((m32, v32))
       m_new = jnp.where(finite, m32.astype(m.dtype), m)

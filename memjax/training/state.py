@@ -34,9 +34,9 @@ def model_graphdef(cfg: Config) -> nnx.GraphDef:
   return split_model(abstract)[0]
 
 
-def new_state(cfg: Config, tx: optim.AdamW, key: jax.Array | None = None) -> TrainState:
-  """The initial state; `key` (default: the key of `cfg.seed`) seeds every initializer."""
-  model = Transformer(cfg.model, rngs=nnx.Rngs(jax.random.key(cfg.seed) if key is None else key))
+def new_state(cfg: Config, tx: optim.AdamW, key: jax.Array) -> TrainState:
+  """The initial state; `key` (that of `cfg.seed` in a run) seeds every initializer."""
+  model = Transformer(cfg.model, rngs=nnx.Rngs(key))
   _, params, other = split_model(model)
   zero = jnp.zeros([], jnp.int32)
   return TrainState(zero, params, other, tx.init(params), zero, zero)
@@ -44,7 +44,7 @@ def new_state(cfg: Config, tx: optim.AdamW, key: jax.Array | None = None) -> Tra
 
 def _shapes(cfg: Config) -> TrainState:
   tx = optim.make_optimizer(cfg)
-  return jax.eval_shape(lambda: new_state(cfg, tx))
+  return jax.eval_shape(lambda: new_state(cfg, tx, jax.random.key(cfg.seed)))
 
 
 def state_shardings(cfg: Config, mesh: jax.sharding.Mesh, abstract: TrainState | None = None) -> TrainState:

@@ -222,3 +222,20 @@ def test_the_sharded_lookup_compiles_the_kernels_for_a_tpu_mesh():
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
   # The forward, the table gradient and the weight gradient: three Mosaic kernels.
   assert len(set(re.findall(r"memjax_(gather_bag|gather_dot|sorted_row_grad)", hlo))) == 3
+
+
+@needs_libtpu
+def test_the_table_gradient_kernel_compiles_for_the_papers_largest_table():
+  """8192^2 slots, a 128-column slice of its 2048 (memory=16): the kernel's SMEM holds one block
+  of row bounds, not every block's start (262,145 of them would exceed SMEM's 1 MiB)."""
+  slots, dim, chunk, block_rows = 8192**2, 128, 128, 256
+  entries = TOKENS * BAG
+  sorted_entries = [((entries // chunk, chunk), d) for d in (jnp.int32, jnp.int32, jnp.float32)]
+  compiled = compile_for_chip(
+      lambda r, t, w, s, d: kernels.sorted_row_grad(r, t, w, s, d, slots, jnp.bfloat16,
+                                                    block_rows=block_rows),
+      CHIPS["v5p"], *sorted_entries, ((slots // block_rows + 1,), jnp.int32),
+      ((TOKENS, dim), jnp.float32),
+  )
+  assert "memjax_sorted_row_grad" in compiled.as_text()
+  assert hbm_mib(compiled)["output"] == slots * dim * 2 / 2**20

@@ -21,9 +21,12 @@ kernel's grid runs over blocks of the work (tokens or table rows) and column til
   and never copied.
 - `sorted_row_grad` (table gradient) needs no atomics: outside the kernel, JAX sorts the
   (row, token) pairs by row (a stable sort, so the order of every sum is fixed) and finds where
-  each block of `block_rows` table rows starts in that order (scalar-prefetched to SMEM). A grid
-  step owns one block of the gradient, accumulates it in a float32 VMEM tile and writes it once
-  (untouched rows are zero): it walks its entries in chunks of `chunk` (aligned to the chunk
+  each block of `block_rows` table rows starts in that order. A grid step owns one block of the
+  gradient; its two bounds arrive in SMEM within an (8, 2) block of a (blocks, 2) array (8: the
+  sublane tiling Mosaic asks of any block), so SMEM holds the same few words whatever the table's
+  size (a scalar-prefetched array of every block's start
+  would outgrow SMEM's 1 MiB at 2^28 rows in blocks of 256). The step accumulates it in a float32 VMEM tile and writes it once
+  (untouched rows are zero), and walks its entries in chunks of `chunk` (aligned to the chunk
   grid, so the sorted arrays can be copied in whole tiles). Per chunk it copies the tokens to
   SMEM and the rows and weights to VMEM, then copies the chunk's dOut rows from HBM, and adds
   onehot(row) * w (block_rows x chunk) @ dOut rows (chunk x block_dim) on the MXU. Entries of the
@@ -53,6 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 LANES = 128
+_BOUNDS_ROWS = 8  # grid steps whose row-block bounds share one SMEM block
 _TABLE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -447,7 +451,8 @@ def sorted_row_grad(
     rows_CE, tok_CE, w_CE: (C, chunk) int32 rows, int32 tokens and float32 weights of the
       entries in row order; stay in HBM (pl.ANY) and are copied a chunk (a multiple of 128) at a
       time: tokens to SMEM, rows and weights to VMEM, two rounds of each.
-    starts: (ceil(S / block_rows) + 1,) int32 block starts, scalar-prefetched to SMEM.
+    starts: (ceil(S / block_rows) + 1,) int32 block starts; each grid step gets its block's two
+      bounds in SMEM.
     dout_NV: (N, V) output cotangent; stays in HBM (pl.ANY) as float32, one row tile per DMA,
       two VMEM buffers of (chunk, block_dim).
     n_slots: S, the table's rows; the last block may be partial.
@@ -470,11 +475,12 @@ def sorted_row_grad(
   dout_NV = dout_NV.astype(jnp.float32)
   n_entries = rows_CE.size
 
-  def kernel(starts_smem, rows_hbm, tok_hbm, w_hbm, dout_hbm, dv_vmem,
+  def kernel(bounds_smem, rows_hbm, tok_hbm, w_hbm, dout_hbm, dv_vmem,
              acc_vmem, tok_smem, rows_vmem, w_vmem, dout_vmem, meta_sems, dout_sems):
     b = pl.program_id(0)
     col0 = pl.multiple_of(pl.program_id(1) * block_dim, block_dim)
-    begin, end = starts_smem[b], starts_smem[b + 1]
+    within = jax.lax.rem(b, _BOUNDS_ROWS)  # non-negative: no `%` (see _gather_rows_per_token)
+    begin, end = bounds_smem[within, 0], bounds_smem[within, 1]
     first = jax.lax.div(begin, chunk)  # non-negative: no `//` (see _gather_rows_per_token)
     n_chunks = jnp.where(end > begin, jax.lax.div(end + chunk - 1, chunk) - first, 0)
     row0 = b * block_rows
@@ -550,24 +556,25 @@ def sorted_row_grad(
   n_blocks = -(-n_slots // block_rows)
   itemsize = jnp.dtype(dtype).itemsize
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  bounds_B2 = jnp.stack([starts[:-1], starts[1:]], axis=1)
+  bounds_B2 = jnp.pad(bounds_B2, ((0, _round_up(n_blocks, _BOUNDS_ROWS) - n_blocks), (0, 0)))
   return pl.pallas_call(
       kernel,
       out_shape=_out_shape((n_slots, dim), dtype, rows_CE),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(n_blocks, dim // block_dim),
-          in_specs=[any_spec] * 4,
-          out_specs=pl.BlockSpec((block_rows, block_dim), lambda b, c, starts: (b, c)),
-          scratch_shapes=[
-              pltpu.VMEM((block_rows, block_dim), jnp.float32),
-              pltpu.SMEM((2, 1, chunk), jnp.int32),
-              pltpu.VMEM((2, 1, chunk), jnp.int32),
-              pltpu.VMEM((2, 1, chunk), jnp.float32),
-              pltpu.VMEM((2, chunk, block_dim), jnp.float32),
-              pltpu.SemaphoreType.DMA((3, 2)),
-              pltpu.SemaphoreType.DMA((2,)),
-          ],
-      ),
+      grid=(n_blocks, dim // block_dim),
+      in_specs=[pl.BlockSpec((_BOUNDS_ROWS, 2), lambda b, c: (jax.lax.div(b, _BOUNDS_ROWS), 0),
+                             memory_space=pltpu.SMEM),
+                *[any_spec] * 4],
+      out_specs=pl.BlockSpec((block_rows, block_dim), lambda b, c: (b, c)),
+      scratch_shapes=[
+          pltpu.VMEM((block_rows, block_dim), jnp.float32),
+          pltpu.SMEM((2, 1, chunk), jnp.int32),
+          pltpu.VMEM((2, 1, chunk), jnp.int32),
+          pltpu.VMEM((2, 1, chunk), jnp.float32),
+          pltpu.VMEM((2, chunk, block_dim), jnp.float32),
+          pltpu.SemaphoreType.DMA((3, 2)),
+          pltpu.SemaphoreType.DMA((2,)),
+      ],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       cost_estimate=pl.CostEstimate(
           flops=2 * n_entries * dim,
@@ -576,4 +583,4 @@ def sorted_row_grad(
       ),
       interpret=interpret,
       name="memjax_sorted_row_grad",
-  )(starts, rows_CE, tok_CE, w_CE, dout_NV)
+  )(bounds_B2, rows_CE, tok_CE, w_CE, dout_NV)

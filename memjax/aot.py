@@ -113,6 +113,7 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
       "device_kind": devices[0].device_kind,
       "mesh": dict(mesh.shape),
       "impl": cfg.model.memory.impl,
+      "table_update": cfg.train.table_update,
       "compile_s": seconds,
       "params_bytes": state_lib.tree_bytes_per_device(abstract.params),
       "opt_state_bytes": state_lib.tree_bytes_per_device(abstract.opt_state),
@@ -130,7 +131,8 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
 def report(f: dict) -> str:
   return "\n".join([
       f"{f['topology']} ({f['libtpu_topology']}, {f['devices']} x {f['device_kind']}), mesh "
-      f"{f['mesh']}, lookup impl {f['impl']}; compiled in {f['compile_s']:.0f}s",
+      f"{f['mesh']}, lookup impl {f['impl']}, {f['table_update']} table update; compiled in "
+      f"{f['compile_s']:.0f}s",
       f"per device: parameters {_gib(f['params_bytes'])}, optimizer state "
       f"{_gib(f['opt_state_bytes'])}, temporaries {_gib(f['temp_bytes'])}; total "
       f"{_gib(f['total_bytes'])} of {_gib(f['hbm_bytes'])} HBM: "

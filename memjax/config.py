@@ -22,6 +22,7 @@ InitStdFactor = Literal["disabled", "current_depth", "global_depth", "dim_ratio"
 BagImpl = Literal["auto", "xla", "cpu", "pallas_tpu", "triton"]
 MoEImpl = Literal["auto", "ragged", "blocked"]
 Scheduler = Literal["linear", "cosine"]
+TableUpdate = Literal["dense", "sparse"]
 DataSource = Literal["knowledge", "tfds", "files"]
 Initialize = Literal["auto", "on", "off"]
 TokenizerKind = Literal["bytes", "sentencepiece", "tiktoken"]
@@ -345,6 +346,9 @@ class TrainConfig:
   weight_decay: float = 0.1
   clip: float = 1.0  # global-norm clip, applied to the value table and to the rest separately
   opt_state_dtype: DType = "float32"  # Adam moments; bfloat16 halves their memory
+  # dense: AdamW moves and decays every table row each step (the reference); sparse: only the
+  # rows the step read, from their gradients alone (no (S, V) gradient; docs/sparse_update.md)
+  table_update: TableUpdate = "dense"
   nan_patience: int = 5  # non-finite steps in a row (each skipped) before the run stops
   log_every: int = 20
   eval_every: int = 100  # eval loss, fact recall and memory diagnostics; also at the end

@@ -12,11 +12,16 @@ old ones, so it copied both moments first, and it materialised the clipped gradi
 step's passes are counted in docs/results.md; `benchmarks/scaling.py` reports the floor).
 Arithmetic is in float32; each result is rounded once to its stored dtype, so a bfloat16 table's
 update is rounded once where optax rounded each stage.
+
+A table may instead be updated row-wise (`train.table_update: sparse`, the sparse Adam that XLM
+used for product-key memories): from the gradients of the rows a step touched, the same update
+runs on those rows and their moments alone. Untouched rows get no momentum step and no weight
+decay, where the dense update moves every row by its moments and decays it each step.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,13 +55,24 @@ def param_group(variable: nnx.Variable) -> str:
   return "values" if isinstance(variable, MemoryValues) else "dense"
 
 
-def group_norms(grads) -> dict[str, jax.Array]:
-  """Global gradient norm of the dense parameters and of the value table (before clipping)."""
+class RowGrads(NamedTuple):
+  """A table's gradient as the rows it is nonzero on: `rows` (R,) int32, distinct, padded with
+  the table's row count (ignored); `grads` (R, V) their gradients (`memjax.ops.table_rows`)."""
+  rows: jax.Array
+  grads: jax.Array
+
+
+def group_norms(grads, row_grads: Mapping[tuple, RowGrads] | None = None) -> dict[str, jax.Array]:
+  """Global gradient norm of the dense parameters and of the value table (before clipping);
+  tables updated row-wise count through their `row_grads`."""
+  sum_squares = lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)))
   squares = {"dense": jnp.float32(0), "values": jnp.float32(0)}
   for variable in jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     g = variable[...] if isinstance(variable, nnx.Variable) else variable
     group = param_group(variable) if isinstance(variable, nnx.Variable) else "dense"
-    squares[group] += jnp.sum(jnp.square(g.astype(jnp.float32)))
+    squares[group] += sum_squares(g)
+  for row_grad in (row_grads or {}).values():
+    squares["values"] += sum_squares(row_grad.grads)
   return {k: jnp.sqrt(v) for k, v in squares.items()}
 
 
@@ -83,9 +99,15 @@ class AdamW:
                       jax.tree.map(zeros, params))
 
   def apply(self, grads, state: AdamWState, params, norms: dict[str, jax.Array],
-            finite: jax.Array | bool = True) -> tuple[nnx.State, AdamWState]:
+            finite: jax.Array | bool = True,
+            row_grads: Mapping[tuple, RowGrads] | None = None) -> tuple[nnx.State, AdamWState]:
     """One AdamW step from `grads` and their `group_norms`; where `finite` is false, the
-    parameters and the state are returned unchanged."""
+    parameters and the state are returned unchanged.
+
+    `row_grads` maps the path of a table updated row-wise to its `RowGrads` (`grads` has no
+    entry for it): its listed rows and their moments are updated, every other row is left as
+    it is, bit for bit."""
+    row_grads = row_grads or {}
     finite = jnp.asarray(finite)
     count = optax.safe_increment(state.count)
     corrections = (1 - B1 ** count.astype(jnp.float32), 1 - B2 ** count.astype(jnp.float32))
@@ -96,17 +118,22 @@ class AdamW:
       lr = self.base_lr[group] * self.multiplier(state.count)
       scalars[group] = (scale, jnp.asarray(lr, jnp.float32))
 
-    def leaf(p, g, m, v):
-      scale, lr = scalars[param_group(p)]
-      new_p, new_m, new_v = self._leaf(p[...], g[...], m[...], v[...], scale, lr, corrections,
-                                       finite)
-      return tuple(x.replace(value) for x, value in ((p, new_p), (m, new_m), (v, new_v)))
-
-    is_var = lambda x: isinstance(x, nnx.Variable)
-    triples = jax.tree.map(leaf, params, grads, state.mu, state.nu, is_leaf=is_var)
-    pick = lambda i: jax.tree.map(lambda t: t[i], triples, is_leaf=lambda x: isinstance(x, tuple))
+    flat_grads = dict(nnx.to_flat_state(grads))
+    new_params, new_mu, new_nu = {}, {}, {}
+    for (path, p), (_, m), (_, v) in zip(*map(nnx.to_flat_state, (params, state.mu, state.nu))):
+      hyper = (*scalars[param_group(p)], corrections, finite)
+      if path in row_grads:
+        rows, g = row_grads[path]
+        take = lambda x: jnp.take(x[...], rows, axis=0, mode="clip")
+        updated = self._leaf(take(p), g, take(m), take(v), *hyper)
+        p_new, m_new, v_new = (
+            x[...].at[rows].set(rows_new, mode="drop") for x, rows_new in zip((p, m, v), updated))
+      else:
+        p_new, m_new, v_new = self._leaf(p[...], flat_grads[path][...], m[...], v[...], *hyper)
+      new_params[path], new_mu[path], new_nu[path] = p.replace(p_new), m.replace(m_new), v.replace(v_new)
     new_count = jnp.where(finite, count, state.count)
-    return pick(0), AdamWState(new_count, pick(1), pick(2))
+    state = AdamWState(new_count, nnx.from_flat_state(new_mu), nnx.from_flat_state(new_nu))
+    return nnx.from_flat_state(new_params), state
 
   def _leaf(self, p, g, m, v, scale, lr, corrections, finite):
     f32 = jnp.float32

@@ -18,6 +18,11 @@ from memjax.layers import init
 from memjax.layers.norms import rms_normalise
 from memjax.ops import embedding_bag, product_topk
 from memjax.ops.memory_parallel import sharded_embedding_bag
+from memjax.ops.table_rows import compact_rows
+
+# Under `nnx.capture`: the gradient of the rows a sparse read gathered (an nnx.Perturbation),
+# and their ids in the table (an nnx.Intermediate).
+TABLE_ROWS, TABLE_ROW_IDS = "table_rows", "table_row_ids"
 
 
 def _device_mesh(n_tokens: int) -> jax.sharding.AbstractMesh | None:
@@ -78,6 +83,16 @@ class ProductKeyMemory(nnx.Module):
     self.input_dropout = nnx.Dropout(mem.input_dropout, rngs=rngs)
     self.query_dropout = nnx.Dropout(mem.query_dropout, rngs=rngs)
     self.value_dropout = nnx.Dropout(mem.value_dropout, rngs=rngs)
+    self.sparse_table_grad = False
+
+  def set_view(self, sparse_table_grad: bool | None = None):
+    """Args:
+      sparse_table_grad: if True, the lookup reads a compact copy of the rows it touches,
+        through `self.perturb(TABLE_ROWS, ...)`: under `nnx.capture` with that perturbation,
+        its gradient is the touched rows' gradient, and the table itself needs none.
+    """
+    if sparse_table_grad is not None:
+      self.sparse_table_grad = sparse_table_grad
 
   def _fold_query(self, n_tokens: int, dim: int) -> bool:
     """Whether scoring x against W_q K^T (folded) does fewer FLOPs than projecting the query first.
@@ -136,18 +151,28 @@ class ProductKeyMemory(nnx.Module):
     return slots_RK.reshape(shape), weights_RK.reshape(shape)
 
   def _read(self, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
-    """The bag, per device on its tokens when the current mesh has several devices (and over
-    the table's column slices when it has a `memory` axis; `memjax.ops.memory_parallel`), else
-    one op over the whole table."""
+    """The bag over the whole table, or over a compact copy of the rows it touches whose
+    gradient `nnx.capture` records (`sparse_table_grad`)."""
+    table_SV = self.values[...]
+    if not self.sparse_table_grad:
+      return self._bag(table_SV, idx_NK, w_NK)
+    rows_R, local_NK = compact_rows(idx_NK, table_SV.shape[0])
+    table_RV = jnp.take(table_SV, rows_R, axis=0, mode="clip")
+    self.sow(nnx.Intermediate, TABLE_ROW_IDS, rows_R, reduce_fn=lambda _, new: new)
+    return self._bag(self.perturb(TABLE_ROWS, table_RV), local_NK, w_NK)
+
+  def _bag(self, table_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
+    """Per device on its tokens when the current mesh has several devices (and over the table's
+    column slices when it has a `memory` axis; `memjax.ops.memory_parallel`), else one op."""
     mesh = jax.sharding.get_abstract_mesh()
     if "memory" in mesh.axis_names and (
         mesh.shape["memory"] > 1 or _device_mesh(idx_NK.shape[0]) is not None
     ):
       return sharded_embedding_bag(
-          self.values[...], idx_NK, w_NK, mesh=mesh, token_axes=mesh.axis_names,
+          table_SV, idx_NK, w_NK, mesh=mesh, token_axes=mesh.axis_names,
           memory_axis="memory", impl=self.impl,
       )
-    return embedding_bag(self.values[...], idx_NK, w_NK, impl=self.impl)
+    return embedding_bag(table_SV, idx_NK, w_NK, impl=self.impl)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     b, t, d = x_BTD.shape

@@ -1,6 +1,11 @@
 """The pure train and eval steps: functions of (state, batch), jitted once by the loop.
 
 Batches are int32 (B, T + 1) token windows: inputs are [:, :-1], next-token targets [:, 1:].
+
+With `train.table_update: sparse`, the value table is not differentiated: each memory layer reads
+a compact copy of the rows it touches, the gradient of that copy is captured (an
+`nnx.Perturbation`), and the optimizer updates those rows alone (`memjax.optim`). No (S, V)
+gradient is built, and the step's cost follows the lookups rather than the table.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memjax.config import Config
+from memjax.layers.memory import TABLE_ROW_IDS, TABLE_ROWS, MemoryValues, ProductKeyMemory
 from memjax.model import balance_loss, cross_entropy
-from memjax.optim import AdamW, group_norms
+from memjax.ops.table_rows import merge_rows
+from memjax.optim import AdamW, RowGrads, group_norms
 from memjax.training.state import TrainState
 
 
@@ -32,6 +39,77 @@ def _loss(graphdef, params, other, tokens_BT1, balance_coef: float = 0.0):
   return ce + balance_coef * balance, (other, ce, balance)
 
 
+def _table_paths(model: nnx.Module) -> dict[tuple, tuple]:
+  """Each memory layer's path -> the path of the table it reads (shared tables appear once in
+  the state, at their first path)."""
+  table_at, layers = {}, {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, MemoryValues):
+      table_at.setdefault(id(node), path)
+    elif isinstance(node, ProductKeyMemory):
+      layers[path] = node
+  return {path: table_at[id(layer.values)] for path, layer in layers.items()}
+
+
+def _sparse_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
+  """grad_fn(params, other, tokens_BT1) -> ((loss, (other, ce, balance)), dense grads, rows):
+  the gradient of every parameter but the value tables, and per table path a list of
+  `RowGrads`, one per memory layer that reads it."""
+
+  def sparse_model(params, other):
+    model = nnx.merge(graphdef, params, other)
+    return model, nnx.view(model, only=ProductKeyMemory, sparse_table_grad=True)
+
+  def loss(rest, probes, tables, other, tokens_BT1):
+    model, view = sparse_model(nnx.merge_state(rest, tables), other)
+    logits_BTW, _, intermediates = nnx.capture(
+        view, nnx.Perturbation, nnx.Intermediate, init=probes)(tokens_BT1[:, :-1])
+    balance = balance_loss(intermediates) if balance_coef else jnp.float32(0)
+    ce = cross_entropy(logits_BTW, tokens_BT1[:, 1:])
+    _, _, other = nnx.split(view, nnx.Param, ...)
+    row_ids = {path[:-1]: v.get_value() for path, v in nnx.to_flat_state(intermediates)
+               if path[-1] == TABLE_ROW_IDS}
+    return ce + balance_coef * balance, (other, ce, balance, row_ids)
+
+  def zero_probes(params, other, tokens_BT1):
+    """The captured rows' perturbations, zeros: their shapes follow the batch's."""
+    def probes(params, other):
+      _, view = sparse_model(params, other)
+      return nnx.capture(view, nnx.Perturbation)(tokens_BT1[:, :-1])[1]
+    shapes = jax.eval_shape(probes, params, other)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+
+  def sparse_grads(params, other, tokens_BT1):
+    tables, rest = nnx.split_state(params, MemoryValues, ...)
+    probes = zero_probes(params, other, tokens_BT1)
+    (total, (other_out, ce, balance, row_ids)), (grads, probe_grads) = grad_fn(
+        rest, probes, tables, other, tokens_BT1)
+    probe_grads = dict(nnx.to_flat_state(probe_grads))
+    rows = {}
+    for layer, table in _table_paths(nnx.merge(graphdef, params, other)).items():
+      grads_RV = probe_grads[(*layer, TABLE_ROWS)].get_value()
+      rows.setdefault(table, []).append(RowGrads(row_ids[layer], grads_RV))
+    return (total, (other_out, ce, balance)), grads, rows
+
+  return sparse_grads
+
+
+def _merged_rows(rows: dict[tuple, list[RowGrads]], params, accum: int) -> dict[tuple, RowGrads]:
+  """One `RowGrads` per table: repeated rows summed over layers and micro-batches, averaged
+  over the micro-batches, in the table's dtype."""
+  tables = dict(nnx.to_flat_state(params))
+  merged = {}
+  for path, parts in rows.items():
+    table = tables[path].get_value()
+    ids, grads = merge_rows([p.rows for p in parts], [p.grads for p in parts], table.shape[0])
+    if accum > 1:
+      grads = grads.astype(jnp.float32) / accum
+    merged[path] = RowGrads(ids, grads.astype(table.dtype))
+  return merged
+
+
 def make_train_step(
     cfg: Config, graphdef: nnx.GraphDef, tx: AdamW, schedule: Callable
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
@@ -40,38 +118,48 @@ def make_train_step(
   finite (parameters and optimizer state unchanged; counted)."""
   accum = cfg.train.grad_accum
   coef = cfg.model.moe.balance_coef if cfg.model.moe.layers else 0.0
-  grad_fn = jax.value_and_grad(lambda p, o, t: _loss(graphdef, p, o, t, coef), has_aux=True)
+  sparse = cfg.train.table_update == "sparse"
+  if sparse:
+    grad_fn = _sparse_grad_fn(graphdef, coef)
+  else:
+    dense_fn = jax.value_and_grad(lambda p, o, t: _loss(graphdef, p, o, t, coef), has_aux=True)
+    grad_fn = lambda p, o, t: (*dense_fn(p, o, t), {})
 
   def accumulated_grads(state: TrainState, tokens_BT1: jax.Array):
-    """(other, grads, cross-entropy, balance loss), averaged over the micro-batches in float32."""
+    """(other, grads, rows, cross-entropy, balance loss), averaged over the micro-batches in
+    float32; a sparse table's rows are gathered per micro-batch and merged after."""
     micro_ABT1 = tokens_BT1.reshape(accum, -1, tokens_BT1.shape[-1])
 
     def micro_step(carry, tokens):
       other, grad_sum, ce_sum, balance_sum = carry
-      (_, (other, ce, balance)), grads = grad_fn(state.params, other, tokens)
+      (_, (other, ce, balance)), grads, rows = grad_fn(state.params, other, tokens)
       grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-      return (other, grad_sum, ce_sum + ce, balance_sum + balance), None
+      return (other, grad_sum, ce_sum + ce, balance_sum + balance), rows
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (other, grad_sum, ce_sum, balance_sum), _ = jax.lax.scan(
+    params = nnx.split_state(state.params, MemoryValues, ...)[1] if sparse else state.params
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (other, grad_sum, ce_sum, balance_sum), rows_A = jax.lax.scan(
         micro_step, (state.other, zeros, jnp.float32(0), jnp.float32(0)), micro_ABT1
     )
-    grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
-    return other, grads, ce_sum / accum, balance_sum / accum
+    grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
+    rows = {path: [RowGrads(part.rows[a], part.grads[a]) for part in parts for a in range(accum)]
+            for path, parts in rows_A.items()}
+    return other, grads, rows, ce_sum / accum, balance_sum / accum
 
   def train_step(state: TrainState, tokens_BT1: jax.Array) -> tuple[TrainState, dict]:
     if accum == 1:
       # The same values bit for bit, without a float32 carry as large as the parameters: a
       # zeroed buffer, an add and a cast back over every parameter, the whole table included.
-      (_, (other, loss, balance)), grads = grad_fn(state.params, state.other, tokens_BT1)
+      (_, (other, loss, balance)), grads, rows = grad_fn(state.params, state.other, tokens_BT1)
     else:
-      other, grads, loss, balance = accumulated_grads(state, tokens_BT1)
+      other, grads, rows, loss, balance = accumulated_grads(state, tokens_BT1)
+    rows = _merged_rows(rows, state.params, accum)
     # loss (reported) is the cross-entropy alone, comparable across models.
-    norms = group_norms(grads)
+    norms = group_norms(grads, rows)
     # A sum of squares is finite iff every term is (and none overflows, a step the clip would
     # zero anyway): the guard rides on the norms' pass instead of its own over every gradient.
     finite = jnp.isfinite(loss + balance) & jnp.all(jnp.isfinite(jnp.stack(list(norms.values()))))
-    params, opt_state = tx.apply(grads, state.opt_state, state.params, norms, finite)
+    params, opt_state = tx.apply(grads, state.opt_state, state.params, norms, finite, rows)
     new_state = TrainState(
         step=state.step + 1,
         params=params,

@@ -69,6 +69,23 @@ SMOKE_BASE = ["model.dim=32", "model.n_heads=2", "model.memory.k_dim=32"]
 SMOKE_RUN = dict(steps=12, people=10, batch_size=4, seq_len=64)
 
 
+def run_budget(run: dict, steps: int, smoke: bool) -> list[str]:
+  """The overrides of one benchmark run: its budget, one eval of every probe at the end, one
+  checkpoint. A smoke run also compiles with most optimizations off (same maths, programs
+  compiled ~2.5x faster: a smoke run is mostly compiles)."""
+  budget = [
+      f"train.steps={steps}", f"train.batch_size={run['batch_size']}",
+      f"train.seq_len={run['seq_len']}", f"data.people={run['people']}", "train.probes=0",
+      f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.keep_checkpoints=1",
+      f"train.log_every={max(steps // 4, 1)}", "train.tensorboard=false",
+      f"train.warmup={max(min(50, steps // 10), 1)}",
+  ]
+  if smoke:
+    budget.append("train.eval_batches=1")
+    jax.config.update("jax_disable_most_optimizations", True)
+  return budget
+
+
 def matched_overrides(family: str, base: list[str], target_params: int, smoke: bool) -> list[str]:
   """MoE: top-2 of E experts of hidden F/2 (the dense FFN's FLOPs), E fitted to the target
   parameter count; PEER: Memory+'s heads and knn, n_keys fitted to the target."""
@@ -188,17 +205,7 @@ def main() -> None:
       (SMOKE_MODELS, SMOKE_RUN, SMOKE_BASE) if args.smoke else (DEFAULT_MODELS, DEFAULT_RUN, [])
   )
   steps = args.steps or run["steps"]
-  budget = [
-      f"train.steps={steps}", f"train.batch_size={run['batch_size']}",
-      f"train.seq_len={run['seq_len']}", f"data.people={run['people']}", "train.probes=0",
-      f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.keep_checkpoints=1",
-      f"train.log_every={max(steps // 4, 1)}", "train.tensorboard=false",
-      f"train.warmup={max(min(50, steps // 10), 1)}",
-  ]
-  if args.smoke:
-    budget.append("train.eval_batches=1")
-    # Same maths, programs compiled ~2.5x faster: a smoke run is mostly compiles.
-    jax.config.update("jax_disable_most_optimizations", True)
+  budget = run_budget(run, steps, args.smoke)
   mem_cfg = config_lib.load("tiny", base + budget + MEMORY)
   target = parameter_counts_of(mem_cfg)["total"]
   rows = []

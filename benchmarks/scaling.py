@@ -1,7 +1,8 @@
-"""Step time and memory as the value table grows from 2^12 to 2^22 slots at fixed dims, with the
-lookup separated from the optimizer update over the table.
+"""Step time and memory as the value table grows from 2^12 to 2^22 slots (or 2^24) at fixed dims,
+with the lookup separated from the optimizer update over the table.
 
   python benchmarks/scaling.py [--json FILE] [--smoke] [--repeats 3] [--max-log2 22]
+                               [--bf16-from 24]
 
 The model: dim 64, 2 blocks, Memory+ in block 1 (4 heads x knn 16, k_dim 128, V = 64), batch
 8 x 128 tokens, float32, the `train.py` step (AdamW over every parameter, the table included).
@@ -12,8 +13,14 @@ For each table size (n_keys = 2^6 .. 2^11) it times, each alone and jitted:
   (O(N) memory traffic, though only H*K rows per token are nonzero);
 - optimizer: AdamW's update of all the parameters from given gradients, in place as the step
   runs it (O(N): every table row's moments and weight are rewritten each step, read or not);
-- the whole train step;
-and reports the state's bytes (parameters, moments) and the compiled step's temporaries.
+- the whole train step, with the dense update (`step_s`) and with `train.table_update=sparse`
+  (`step_sparse_s`: the touched rows and their moments alone);
+and reports the state's bytes (parameters, moments) and the compiled steps' temporaries. Tables
+from 2^`--bf16-from` slots on are kept in bfloat16, with bfloat16 moments (`bf16` in the JSON).
+
+Two checks are printed per row: the dense step's whole-table work within twice its floor
+(`step_s <= step_sparse_s + 2 floor_s`), and the sparse step flat beyond its sqrt(N) selection
+(`step_sparse_s <= select_s + 2 step_sparse_s` of the smallest table).
 
 The floor of each row is the whole-table traffic that a dense AdamW step cannot avoid, over a copy
 bandwidth measured in the same run: the backward writes the (N, V) gradient; the update reads it,
@@ -25,6 +32,7 @@ the repeats.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -90,11 +98,22 @@ def dense_update_bytes(cfg: config_lib.Config) -> int:
   return 4 * table + 4 * moment
 
 
+def temp_bytes(compiled) -> int | None:
+  memory = compiled.memory_analysis()
+  return getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
+
+
+def sparse_step(cfg: config_lib.Config, repeats: int) -> tuple[float, int | None]:
+  """(seconds, temporaries) of the train step with the row-wise table update."""
+  sparse = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, table_update="sparse"))
+  timed = Timed(sparse, one_device_mesh())
+  return min(timed.run(1) for _ in range(repeats + 1)), temp_bytes(timed.compiled)
+
+
 def measure(cfg: config_lib.Config, repeats: int) -> dict:
   mesh = one_device_mesh()
   timed = Timed(cfg, mesh)
   step_s = min(timed.run(1) for _ in range(repeats + 1))
-  memory = timed.compiled.memory_analysis()
   state = timed.state
   graphdef = state_lib.model_graphdef(cfg)
   layer = nnx.merge(graphdef, state.params, state.other).layers[1].feed_forward
@@ -104,6 +123,10 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
   x_ND = jnp.asarray(np.random.default_rng(0).standard_normal((n, cfg.model.dim)), jnp.float32)
   select = jax.jit(lambda p, x: nnx.merge(lgraph, p, lrest).select(x))
   slots_NHK, weights_NHK = select(lparams, x_ND)
+  # As a train step runs it: the weights' gradient back to the query, the keys and the input.
+  cot_NHK = jnp.asarray(np.random.default_rng(1).standard_normal(weights_NHK.shape), jnp.float32)
+  select_grad = jax.jit(jax.grad(
+      lambda p, x: jnp.sum(nnx.merge(lgraph, p, lrest).select(x)[1] * cot_NHK), argnums=(0, 1)))
   idx_NB, w_NB = slots_NHK.reshape(n, -1), weights_NHK.reshape(n, -1)
   cot_NV = jnp.ones((n, cfg.model.value_dim), jnp.float32)
   bag = jax.jit(jax.grad(
@@ -122,19 +145,24 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
                          jax.tree.map(jnp.copy, (state.params, state.opt_state)))
   floor_bytes = dense_update_bytes(cfg)
   copy_Bps = copy_bandwidth(cfg.model.memory.n_slots * cfg.model.value_dim * 4, repeats)
-  return {
+  row = {
       "slots": cfg.model.memory.n_slots,
+      "bf16": cfg.model.memory.value_dtype == "bfloat16",
       "step_s": step_s,
       "floor_s": floor_bytes / copy_Bps,
       "floor_bytes": floor_bytes,
       "copy_GBps": copy_Bps / 1e9,
       "select_s": best(lambda: select(lparams, x_ND), repeats),
+      "select_fwd_bwd_s": best(lambda: select_grad(lparams, x_ND), repeats),
       "bag_fwd_bwd_s": best(lambda: bag(values, w_NB), repeats),
       "optimizer_s": best(update_once, repeats),
       "params_bytes": state_lib.tree_bytes_per_device(state.params),
       "opt_state_bytes": state_lib.tree_bytes_per_device(state.opt_state),
-      "temp_bytes": getattr(memory, "temp_size_in_bytes", None) if memory is not None else None,
+      "temp_bytes": temp_bytes(timed.compiled),
   }
+  del timed, state, update_once, grads, values, lparams  # the sparse step's memory
+  row["step_sparse_s"], row["temp_sparse_bytes"] = sparse_step(cfg, repeats)
+  return row
 
 
 def main() -> None:
@@ -144,6 +172,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--min-log2", type=int, default=12, help="smallest table, log2 slots (even)")
   parser.add_argument("--max-log2", type=int, default=22, help="largest table, log2 slots (even)")
+  parser.add_argument("--bf16-from", type=int, default=24,
+                      help="from this log2 slots on, a bfloat16 table and bfloat16 moments")
   args = parser.parse_args()
   base = BASE + (SMOKE if args.smoke else [])
   if args.smoke:  # same maths, programs compiled ~2.5x faster: a smoke run is mostly compiles
@@ -152,7 +182,9 @@ def main() -> None:
   rows = []
   for log2 in range(lo, hi + 1, 2):
     n_keys = 2 ** (log2 // 2)
-    cfg = config_lib.load("tiny", base + [f"model.memory.n_keys={n_keys}"])
+    bf16 = ["model.memory.value_dtype=bfloat16", "train.opt_state_dtype=bfloat16"]
+    cfg = config_lib.load(
+        "tiny", base + [f"model.memory.n_keys={n_keys}"] + (bf16 if log2 >= args.bf16_from else []))
     rows.append(measure(cfg, args.repeats))
     print(f"2^{log2} slots done", file=sys.stderr, flush=True)
 
@@ -161,20 +193,25 @@ def main() -> None:
   print(
       f"table scaling: dim {cfg.model.dim}, {cfg.model.n_layers} blocks, Memory+ in block 1 "
       f"(heads {cfg.model.memory.heads}, knn {cfg.model.memory.knn}, V {cfg.model.value_dim}), "
-      f"batch {cfg.train.batch_size} x {cfg.train.seq_len}, float32, {os.cpu_count()} CPUs, "
-      f"jax {jax.__version__}; best of {args.repeats}"
+      f"batch {cfg.train.batch_size} x {cfg.train.seq_len}, float32 (table and moments bfloat16 "
+      f"from 2^{args.bf16_from} slots), {os.cpu_count()} CPUs, jax {jax.__version__}; best of "
+      f"{args.repeats}"
   )
-  print("| slots | train step (ms) | selection (ms) | bag fwd+bwd (ms) | optimizer update (ms) | "
-        "whole-table floor (ms) | copy GB/s | step vs 2^%d | params (MiB) | Adam moments (MiB) | "
-        "step temporaries (MiB) |" % lo)
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| slots | dense step (ms) | sparse step (ms) | selection (ms) | bag fwd+bwd (ms) | "
+        "optimizer update (ms) | whole-table floor (ms) | copy GB/s | dense within 2x floor | "
+        "sparse flat | params (MiB) | Adam moments (MiB) | temporaries dense / sparse (MiB) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f}"
   for r in rows:
+    dense_ok = r["step_s"] <= r["step_sparse_s"] + 2 * r["floor_s"]
+    sparse_ok = r["step_sparse_s"] <= r["select_s"] + 2 * first["step_sparse_s"]
     print(
-        f"| 2^{int(np.log2(r['slots']))} | {r['step_s'] * 1e3:.1f} | {r['select_s'] * 1e3:.2f} | "
+        f"| 2^{int(np.log2(r['slots']))}{' bf16' if r['bf16'] else ''} | {r['step_s'] * 1e3:.1f} | "
+        f"{r['step_sparse_s'] * 1e3:.1f} | {r['select_s'] * 1e3:.2f} | "
         f"{r['bag_fwd_bwd_s'] * 1e3:.2f} | {r['optimizer_s'] * 1e3:.1f} | "
-        f"{r['floor_s'] * 1e3:.1f} | {r['copy_GBps']:.1f} | {r['step_s'] / first['step_s']:.2f}x | {mib(r['params_bytes'])} | "
-        f"{mib(r['opt_state_bytes'])} | {mib(r['temp_bytes'])} |"
+        f"{r['floor_s'] * 1e3:.1f} | {r['copy_GBps']:.1f} | {'yes' if dense_ok else 'no'} | "
+        f"{'yes' if sparse_ok else 'no'} | {mib(r['params_bytes'])} | "
+        f"{mib(r['opt_state_bytes'])} | {mib(r['temp_bytes'])} / {mib(r['temp_sparse_bytes'])} |"
     )
   if args.json:
     args.json.write_text(json.dumps({"rows": rows}, indent=2))

@@ -64,7 +64,8 @@ def test_scaling_smoke(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert [r["slots"] for r in rows] == [2**8, 2**10]
   for r in rows:
-    assert min(r["step_s"], r["select_s"], r["bag_fwd_bwd_s"], r["optimizer_s"]) > 0
+    assert min(r["step_s"], r["step_sparse_s"], r["select_s"], r["bag_fwd_bwd_s"], r["optimizer_s"]) > 0
+    assert r["temp_sparse_bytes"] > 0 and not r["bf16"]
   # Parameters and both moments grow by the table's 2^10 - 2^8 rows of V = 32 and the sub-keys'
   # 4 heads x 2 halves x (32 - 16) keys of 16 dims, in float32.
   grown = (rows[1]["params_bytes"] + rows[1]["opt_state_bytes"]) - (rows[0]["params_bytes"] + rows[0]["opt_state_bytes"])
@@ -92,3 +93,13 @@ def test_knowledge_smoke(tmp_path):
   redo = tmp_path / "redo"
   run_script("knowledge.py", "--from-json", str(out), "--out-dir", str(redo), timeout=120)
   assert (redo / "knowledge_smoke.md").read_text() == (tmp_path / "knowledge_smoke.md").read_text()
+
+
+def test_table_update_smoke(tmp_path):
+  out = tmp_path / "table_update.json"
+  proc = run_script("table_update.py", "--json", str(out))
+  assert "| 256 | dense |" in proc.stdout and "| 256 | sparse |" in proc.stdout
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["update"] for r in rows] == ["dense", "sparse"]
+  for r in rows:
+    assert 0 <= r["recall"] <= 1 and np.isfinite(r["eval_loss"]), r

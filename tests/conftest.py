@@ -23,10 +23,25 @@ def precision(dtype: str):
     yield
 
 
+@contextlib.contextmanager
+def _most_optimizations_off():
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 @pytest.fixture
 def fast_compile():
   """Most XLA optimisations off: small test programs compile ~2.5x faster on CPU, same maths."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+  with _most_optimizations_off():
+    yield
+
+
+@pytest.fixture(scope="module")
+def fast_compile_module():
+  """`fast_compile` for a whole module, its module-scoped fixtures included (they ask for it)."""
+  with _most_optimizations_off():
+    yield

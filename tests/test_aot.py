@@ -55,12 +55,12 @@ def test_cli_errors_name_the_field(capsys):
 
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.parametrize("topology,memory", [("v5p-8", 4), ("v5e-8", 8)])
-def test_the_373m_memory_model_fits_its_slices(topology, memory):
+def test_the_373m_memory_model_fits_a_v5p_8_slice():
   """The paper's 373M Memory+ model (a 1024^2 x 1024 bfloat16 table) on one small slice, the
-  table's columns split over every chip, with the lookup a TPU run uses (the Pallas kernels)."""
-  cfg = config.load("pkplus_373m_1024k", [f"mesh.memory={memory}"])
-  figures = aot.compile_for(cfg, topology)
+  table's columns split over its 4 chips, with the lookup a TPU run uses (the Pallas kernels).
+  One slice only: each compile takes minutes here (docs/results.md has v5e-8 and more)."""
+  cfg = config.load("pkplus_373m_1024k", ["mesh.memory=4"])
+  figures = aot.compile_for(cfg, "v5p-8")
   print(aot.report(figures))
   assert figures["impl"] == "pallas_tpu"
   assert figures["fits"], aot.report(figures)

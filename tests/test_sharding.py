@@ -11,6 +11,8 @@ import pytest
 from memjax import config, sharding
 from memjax.training import loop, state as state_lib, step as step_lib
 
+pytestmark = pytest.mark.usefixtures("fast_compile_module")
+
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 1, 4), (1, 2, 4), (1, 1, 8)]  # (data, fsdp, memory)
 MODEL = [
     "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.memory.layers=[1]",
@@ -57,12 +59,12 @@ X64 = ["model.param_dtype=float64", "model.dtype=float64"]
 
 
 @pytest.fixture(scope="module")
-def single_device():
+def single_device(fast_compile_module):
   return run_steps(cfg_for((1, 1, 1)), jax.devices()[:1], 0)[0]
 
 
 @pytest.fixture(scope="module")
-def single_device_x64():
+def single_device_x64(fast_compile_module):
   with jax.enable_x64(True):
     return run_steps(cfg_for((1, 1, 1), *X64), jax.devices()[:1], 5)[0]
 

@@ -404,6 +404,12 @@ class Config:
         f"must divide train.batch_size={self.train.batch_size}, got {self.data.shards}",
     )
     _check(
+        self.train.table_update == "dense" or self.model.memory.enabled,
+        "train.table_update",
+        "'sparse' updates a memory layer's value table; this model has no memory layers "
+        "(model.memory.layers is empty)",
+    )
+    _check(
         self.train.seq_len <= self.model.max_seqlen,
         "train.seq_len",
         f"must be <= model.max_seqlen={self.model.max_seqlen}, got {self.train.seq_len}",

@@ -164,6 +164,8 @@ def test_a_stopped_and_resumed_sparse_run_repeats_the_uninterrupted_one_bitwise(
   assert logged(tmp_path / "parts", "train/loss") == logged(tmp_path / "whole", "train/loss")
 
 
-def test_a_bad_table_update_names_the_field():
+@pytest.mark.parametrize("overrides", [
+    ["train.table_update=lazy"], ["train.table_update=sparse", "model.memory.layers=[]"]])
+def test_a_bad_table_update_names_the_field(overrides):
   with pytest.raises(config.ConfigError, match="table_update"):
-    config.load("tiny", ["train.table_update=lazy"])
+    config.load("tiny", overrides)

@@ -53,6 +53,7 @@ from flax import nnx  # noqa: E402
 from benchmarks.train_throughput import Timed, one_device_mesh  # noqa: E402
 from memjax import config as config_lib  # noqa: E402
 from memjax import optim  # noqa: E402
+from memjax.layers.memory import MemoryValues  # noqa: E402
 from memjax.ops import embedding_bag  # noqa: E402
 from memjax.training import state as state_lib  # noqa: E402
 
@@ -127,8 +128,10 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
   slots_NHK, weights_NHK = select(lparams, x_ND)
   # As a train step runs it: the weights' gradient back to the query, the keys and the input.
   cot_NHK = jnp.asarray(np.random.default_rng(1).standard_normal(weights_NHK.shape), jnp.float32)
+  table_state, select_params = nnx.split_state(lparams, MemoryValues, ...)
   select_grad = jax.jit(jax.grad(
-      lambda p, x: jnp.sum(nnx.merge(lgraph, p, lrest).select(x)[1] * cot_NHK), argnums=(0, 1)))
+      lambda p, t, x: jnp.sum(nnx.merge(lgraph, nnx.merge_state(p, t), lrest).select(x)[1] * cot_NHK),
+      argnums=(0, 2)))
   idx_NB, w_NB = slots_NHK.reshape(n, -1), weights_NHK.reshape(n, -1)
   cot_NV = jnp.ones((n, cfg.model.value_dim), jnp.float32)
   bag = jax.jit(jax.grad(
@@ -155,7 +158,7 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
       "floor_bytes": floor_bytes,
       "copy_GBps": copy_Bps / 1e9,
       "select_s": best(lambda: select(lparams, x_ND), repeats),
-      "select_fwd_bwd_s": best(lambda: select_grad(lparams, x_ND), repeats),
+      "select_fwd_bwd_s": best(lambda: select_grad(select_params, table_state, x_ND), repeats),
       "bag_fwd_bwd_s": best(lambda: bag(values, w_NB), repeats),
       "optimizer_s": best(update_once, repeats),
       "params_bytes": state_lib.tree_bytes_per_device(state.params),

@@ -3,7 +3,8 @@
 reads), at the same settings, with a sweep of the table's learning rate for `sparse`.
 
   python benchmarks/table_update.py [--json FILE] [--smoke] [--steps N] [--n-keys 64 256]
-                                    [--value-lrs 0.003 0.01 0.03] [--seeds 0]
+                                    [--updates dense sparse] [--value-lrs 0.003 0.01 0.03]
+                                    [--seeds 0]
 
 The model and run are benchmarks/knowledge.py's Memory+ d128 (configs/tiny.yaml's recipe, 400
 steps of 16 x 128 bytes on 60 people). Its 64^2-slot table is read almost whole by every step, so
@@ -41,8 +42,10 @@ def main() -> None:
   parser.add_argument("--steps", type=int, help="optimizer steps per run (default 400; smoke 8)")
   parser.add_argument("--n-keys", type=int, nargs="*", default=[64, 256],
                       help="sub-keys per half: tables of n^2 slots")
+  parser.add_argument("--updates", nargs="*", default=["dense", "sparse"], choices=["dense", "sparse"])
   parser.add_argument("--value-lrs", type=float, nargs="*", default=[0.003, 0.01, 0.03],
-                      help="the table learning rates swept for the sparse update")
+                      help="the table learning rates swept for the sparse update (dense runs at "
+                      "the config's)")
   parser.add_argument("--seeds", type=int, nargs="*", default=[0])
   args = parser.parse_args()
   run = dict(SMOKE_RUN if args.smoke else DEFAULT_RUN)
@@ -50,12 +53,13 @@ def main() -> None:
   smoke_model = SMOKE_BASE + ["model.memory.knn=4"] if args.smoke else []
   base = MEMORY + smoke_model + run_budget(run, run["steps"], args.smoke)
   n_keys = [16] if args.smoke else args.n_keys
-  value_lrs = [] if args.smoke else args.value_lrs
   default_lr = config_lib.load("tiny", base).model.memory.value_lr
+  value_lrs = [default_lr] if args.smoke else args.value_lrs
 
   rows = []
   for n in n_keys:
-    runs = [("dense", default_lr)] + [("sparse", lr) for lr in sorted({default_lr, *value_lrs})]
+    runs = [("dense", default_lr)] * ("dense" in args.updates)
+    runs += [("sparse", lr) for lr in sorted(value_lrs)] * ("sparse" in args.updates)
     for update, lr in runs:
       for seed in args.seeds:
         cfg = config_lib.load("tiny", base + [

@@ -140,16 +140,9 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
   ))
   values = lparams["values"][...]
 
-  tx = optim.make_optimizer(cfg)
-  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), state.params)
-  # In place, as the train step runs it: parameters and moments donated, gradients given.
-  update = jax.jit(lambda params, opt_state, grads: tx.apply(grads, opt_state, params,
-                                                             optim.group_norms(grads)),
-                   donate_argnums=(0, 1))
-  update_once = threaded(lambda carry: update(*carry, grads),
-                         jax.tree.map(jnp.copy, (state.params, state.opt_state)))
   floor_bytes = dense_update_bytes(cfg)
-  copy_Bps = copy_bandwidth(cfg.model.memory.n_slots * cfg.model.value_dim * 4, repeats)
+  table_bytes = cfg.model.memory.n_slots * cfg.model.value_dim * jnp.dtype(values.dtype).itemsize
+  copy_Bps = copy_bandwidth(table_bytes, repeats)
   row = {
       "slots": cfg.model.memory.n_slots,
       "bf16": cfg.model.memory.value_dtype == "bfloat16",
@@ -160,12 +153,23 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
       "select_s": best(lambda: select(lparams, x_ND), repeats),
       "select_fwd_bwd_s": best(lambda: select_grad(select_params, table_state, x_ND), repeats),
       "bag_fwd_bwd_s": best(lambda: bag(values, w_NB), repeats),
-      "optimizer_s": best(update_once, repeats),
       "params_bytes": state_lib.tree_bytes_per_device(state.params),
       "opt_state_bytes": state_lib.tree_bytes_per_device(state.opt_state),
       "temp_bytes": temp_bytes(timed.compiled),
   }
-  del timed, state, update_once, grads, values, lparams  # the sparse step's memory
+  del values, lparams, table_state, select_params
+
+  tx = optim.make_optimizer(cfg)
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), state.params)
+  # In place, as the train step runs it: the step's own parameters and moments donated (no
+  # copies: at the top sizes memory is short), gradients given.
+  update = jax.jit(lambda params, opt_state, grads: tx.apply(grads, opt_state, params,
+                                                             optim.group_norms(grads)),
+                   donate_argnums=(0, 1))
+  update_once = threaded(lambda carry: update(*carry, grads), (state.params, state.opt_state))
+  del timed, state
+  row["optimizer_s"] = best(update_once, repeats)
+  del update_once, grads  # the sparse step's memory
   row["step_sparse_s"], row["temp_sparse_bytes"] = sparse_step(cfg, repeats)
   return row
 

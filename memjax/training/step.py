@@ -56,12 +56,12 @@ def _sparse_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
   the gradient of every parameter but the value tables, and per table path a list of
   `RowGrads`, one per memory layer that reads it."""
 
-  def sparse_model(params, other):
+  def sparse_view(params, other):
     model = nnx.merge(graphdef, params, other)
-    return model, nnx.view(model, only=ProductKeyMemory, sparse_table_grad=True)
+    return nnx.view(model, only=ProductKeyMemory, sparse_table_grad=True)
 
   def loss(rest, probes, tables, other, tokens_BT1):
-    model, view = sparse_model(nnx.merge_state(rest, tables), other)
+    view = sparse_view(nnx.merge_state(rest, tables), other)
     logits_BTW, _, intermediates = nnx.capture(
         view, nnx.Perturbation, nnx.Intermediate, init=probes)(tokens_BT1[:, :-1])
     balance = balance_loss(intermediates) if balance_coef else jnp.float32(0)
@@ -74,8 +74,7 @@ def _sparse_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
   def zero_probes(params, other, tokens_BT1):
     """The captured rows' perturbations, zeros: their shapes follow the batch's."""
     def probes(params, other):
-      _, view = sparse_model(params, other)
-      return nnx.capture(view, nnx.Perturbation)(tokens_BT1[:, :-1])[1]
+      return nnx.capture(sparse_view(params, other), nnx.Perturbation)(tokens_BT1[:, :-1])[1]
     shapes = jax.eval_shape(probes, params, other)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 

@@ -24,11 +24,14 @@ Two checks are printed per row: the dense step's whole-table work within twice i
 alone (`select_s`) and with its backward (`select_fwd_bwd_s`: the gradient of the weights back to
 the query, the keys and the input, which every train step also runs).
 
-The floor of each row is the whole-table traffic that a dense AdamW step cannot avoid, over a copy
-bandwidth measured in the same run: the backward writes the (N, V) gradient; the update reads it,
-the table and both moments, and writes the table and both moments. The copy is a jitted, donated
-in-place scale of a buffer the table's size (read + write; its pages already touched), best of
-the repeats.
+The floor of each row is the whole-table traffic that the dense AdamW step cannot avoid, over a
+copy bandwidth measured in the same run: the update reads the table and both moments and writes
+them back, every row; where the step takes the table's gradient as an (S, V) array
+(`table_grad: dense`, small tables: see `memjax.training.step.row_gradients`) the backward also
+writes it and the update reads it. The copy is a jitted, donated in-place scale of a buffer the
+table's size (read + write; its pages already touched), best of the repeats. The optimizer column
+times the update as the step runs it: from the touched rows' gradients (as many rows as the step
+can touch) or from an (S, V) gradient.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ from memjax import config as config_lib  # noqa: E402
 from memjax import optim  # noqa: E402
 from memjax.layers.memory import MemoryValues  # noqa: E402
 from memjax.ops import embedding_bag  # noqa: E402
-from memjax.training import state as state_lib  # noqa: E402
+from memjax.ops.table_rows import row_capacity  # noqa: E402
+from memjax.training import state as state_lib, step as step_lib  # noqa: E402
 
 BASE = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.memory.layers=[1]",
         "model.memory.heads=4", "model.memory.knn=16", "model.memory.k_dim=128",
@@ -93,12 +97,27 @@ def copy_bandwidth(n_bytes: int, repeats: int) -> float:
 
 
 def dense_update_bytes(cfg: config_lib.Config) -> int:
-  """Whole-table bytes a dense AdamW step moves: gradient written, then read with the table and
-  both moments; the table and both moments written."""
+  """Whole-table bytes a dense AdamW step moves: the table and both moments read and written;
+  with an (S, V) gradient, that gradient written and read as well."""
   rows_cols = cfg.model.memory.n_slots * cfg.model.value_dim
   table = rows_cols * jnp.dtype(cfg.model.memory.value_dtype).itemsize
   moment = rows_cols * jnp.dtype(cfg.train.opt_state_dtype).itemsize
-  return 4 * table + 4 * moment
+  return (2 if step_lib.row_gradients(cfg) else 4) * table + 4 * moment
+
+
+def step_gradients(cfg: config_lib.Config, params) -> tuple[nnx.State, dict]:
+  """Gradients of the shapes the step gives its optimizer: dense ones, and the table's as rows
+  (as many as a step can touch, spread over the table) when the step takes it so."""
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
+  if not step_lib.row_gradients(cfg):
+    return grads, {}
+  tables, grads = nnx.split_state(grads, MemoryValues, ...)
+  (path, table), = nnx.to_flat_state(tables)
+  mem = cfg.model.memory
+  n_rows = row_capacity(cfg.train.batch_size * cfg.train.seq_len * mem.heads * mem.knn,
+                        mem.n_slots)
+  rows = jnp.linspace(0, mem.n_slots - 1, n_rows).astype(jnp.int32)
+  return grads, {path: optim.RowGrads(rows, table[...][:n_rows])}
 
 
 def temp_bytes(compiled) -> int | None:
@@ -145,6 +164,7 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
   copy_Bps = copy_bandwidth(table_bytes, repeats)
   row = {
       "slots": cfg.model.memory.n_slots,
+      "table_grad": "rows" if step_lib.row_gradients(cfg) else "dense",
       "bf16": cfg.model.memory.value_dtype == "bfloat16",
       "step_s": step_s,
       "floor_s": floor_bytes / copy_Bps,
@@ -160,16 +180,18 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
   del values, lparams, table_state, select_params
 
   tx = optim.make_optimizer(cfg)
-  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), state.params)
+  grads, row_grads = step_gradients(cfg, state.params)
   # In place, as the train step runs it: the step's own parameters and moments donated (no
   # copies: at the top sizes memory is short), gradients given.
-  update = jax.jit(lambda params, opt_state, grads: tx.apply(grads, opt_state, params,
-                                                             optim.group_norms(grads)),
-                   donate_argnums=(0, 1))
-  update_once = threaded(lambda carry: update(*carry, grads), (state.params, state.opt_state))
+  update = jax.jit(
+      lambda params, opt_state, grads, rows: tx.apply(
+          grads, opt_state, params, optim.group_norms(grads, rows), row_grads=rows),
+      donate_argnums=(0, 1))
+  update_once = threaded(lambda carry: update(*carry, grads, row_grads),
+                         (state.params, state.opt_state))
   del timed, state
   row["optimizer_s"] = best(update_once, repeats)
-  del update_once, grads  # the sparse step's memory
+  del update_once, grads, row_grads  # the sparse step's memory
   row["step_sparse_s"], row["temp_sparse_bytes"] = sparse_step(cfg, repeats)
   return row
 
@@ -206,7 +228,7 @@ def main() -> None:
       f"from 2^{args.bf16_from} slots), {os.cpu_count()} CPUs, jax {jax.__version__}; best of "
       f"{args.repeats}"
   )
-  print("| slots | dense step (ms) | sparse step (ms) | selection fwd / fwd+bwd (ms) | "
+  print("| slots | dense step (ms), table grad | sparse step (ms) | selection fwd / fwd+bwd (ms) | "
         "bag fwd+bwd (ms) | optimizer update (ms) | whole-table floor (ms) | copy GB/s | "
         "dense within 2x floor | sparse flat: vs fwd / fwd+bwd selection | params (MiB) | "
         "Adam moments (MiB) | temporaries dense / sparse (MiB) |")
@@ -217,7 +239,8 @@ def main() -> None:
     dense_ok = r["step_s"] <= r["step_sparse_s"] + 2 * r["floor_s"]
     flat = lambda select: r["step_sparse_s"] <= r[select] + 2 * first["step_sparse_s"]
     print(
-        f"| 2^{int(np.log2(r['slots']))}{' bf16' if r['bf16'] else ''} | {r['step_s'] * 1e3:.1f} | "
+        f"| 2^{int(np.log2(r['slots']))}{' bf16' if r['bf16'] else ''} | "
+        f"{r['step_s'] * 1e3:.1f}, {r['table_grad']} | "
         f"{r['step_sparse_s'] * 1e3:.1f} | {r['select_s'] * 1e3:.1f} / "
         f"{r['select_fwd_bwd_s'] * 1e3:.1f} | {r['bag_fwd_bwd_s'] * 1e3:.1f} | "
         f"{r['optimizer_s'] * 1e3:.1f} | {r['floor_s'] * 1e3:.1f} | {r['copy_GBps']:.1f} | "

@@ -13,10 +13,12 @@ step's passes are counted in docs/results.md; `benchmarks/scaling.py` reports th
 Arithmetic is in float32; each result is rounded once to its stored dtype, so a bfloat16 table's
 update is rounded once where optax rounded each stage.
 
-A table may instead be updated row-wise (`train.table_update: sparse`, the sparse Adam that XLM
-used for product-key memories): from the gradients of the rows a step touched, the same update
-runs on those rows and their moments alone. Untouched rows get no momentum step and no weight
-decay, where the dense update moves every row by its moments and decays it each step.
+A table's gradient may come as the rows a step touched (`RowGrads`) rather than an (S, V) array.
+With the dense update, every row still takes its AdamW step: untouched rows with a zero gradient
+(a pass over the table and its moments that reads no gradient), then the touched rows are
+overwritten with their full update. With `train.table_update: sparse` (the sparse Adam that XLM
+used for product-key memories), only the touched rows and their moments are updated: untouched
+rows get no momentum step and no weight decay.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from flax import nnx
 from memjax.config import Config
 from memjax.layers import init
 from memjax.layers.memory import MemoryValues
+from memjax.ops.table_rows import set_rows
 
 B1, B2, EPS = 0.9, 0.95, 1e-8
 
@@ -92,6 +95,8 @@ class AdamW:
     self.clip = train.clip
     self.weight_decay = train.weight_decay
     self.state_dtype = init.DTYPES[train.opt_state_dtype]
+    self.rows_only = train.table_update == "sparse"
+    self.impl = cfg.model.memory.impl  # whose kernel writes a table's rows back
 
   def init(self, params) -> AdamWState:
     zeros = lambda p: jnp.zeros(p.shape, self.state_dtype)
@@ -104,9 +109,10 @@ class AdamW:
     """One AdamW step from `grads` and their `group_norms`; where `finite` is false, the
     parameters and the state are returned unchanged.
 
-    `row_grads` maps the path of a table updated row-wise to its `RowGrads` (`grads` has no
-    entry for it): its listed rows and their moments are updated, every other row is left as
-    it is, bit for bit."""
+    `row_grads` maps a table's path to its gradient as `RowGrads` (`grads` has no entry for
+    it). With the sparse update its listed rows and their moments are updated and every other
+    row is left as it is, bit for bit; with the dense one every row is, as from the (S, V)
+    gradient that is zero off the listed rows."""
     row_grads = row_grads or {}
     finite = jnp.asarray(finite)
     count = optax.safe_increment(state.count)
@@ -126,8 +132,11 @@ class AdamW:
         rows, g = row_grads[path]
         take = lambda x: jnp.take(x[...], rows, axis=0, mode="clip")
         updated = self._leaf(take(p), g, take(m), take(v), *hyper)
+        whole = (p[...], m[...], v[...])
+        if not self.rows_only:  # every row's step with a zero gradient; the rows' replace theirs
+          whole = self._leaf(*whole[:1], None, *whole[1:], *hyper)
         p_new, m_new, v_new = (
-            x[...].at[rows].set(rows_new, mode="drop") for x, rows_new in zip((p, m, v), updated))
+            set_rows(x, rows, rows_new, self.impl) for x, rows_new in zip(whole, updated))
       else:
         p_new, m_new, v_new = self._leaf(p[...], flat_grads[path][...], m[...], v[...], *hyper)
       new_params[path], new_mu[path], new_nu[path] = p.replace(p_new), m.replace(m_new), v.replace(v_new)
@@ -136,10 +145,13 @@ class AdamW:
     return nnx.from_flat_state(new_params), state
 
   def _leaf(self, p, g, m, v, scale, lr, corrections, finite):
+    """The fused update of one parameter; `g=None` is a zero gradient, never materialised (the
+    same values bit for bit: adding (1 - B) * 0 changes nothing)."""
     f32 = jnp.float32
-    g = g.astype(f32) * scale
-    m32 = B1 * m.astype(f32) + (1 - B1) * g
-    v32 = B2 * v.astype(f32) + (1 - B2) * jnp.square(g)
+    m32, v32 = B1 * m.astype(f32), B2 * v.astype(f32)
+    if g is not None:
+      g = g.astype(f32) * scale
+      m32, v32 = m32 + (1 - B1) * g, v32 + (1 - B2) * jnp.square(g)
     if self.state_dtype == f32:
       # The stored moments are the float32 ones: materialise them (in place of the old ones) and
       # read them back for the parameter, rather than recomputing them from the old moments.

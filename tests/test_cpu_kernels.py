@@ -1,5 +1,5 @@
 """pallas_kernels.cpu: the C++ top-k and product top-k against lax.top_k and the XLA path, the
-bag's determinism, and how the build fails (the embedding-bag and product-key tests run every
+bag's determinism, the in-place row write, and how the build fails (the embedding-bag and product-key tests run every
 other check of the `cpu` impl)."""
 
 import os
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax.ops import embedding_bag, product_topk
+from memjax.ops import embedding_bag, product_topk, set_rows
 from pallas_kernels import cpu
 from pallas_kernels.cpu import build
 
@@ -144,3 +144,20 @@ def test_bag_forward_paths_agree_with_xla(tokens):
   got = embedding_bag(values, idx, w, impl="cpu")
   want = embedding_bag(values, idx, w, impl="xla")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32])
+def test_set_rows_writes_the_listed_rows_in_place_and_skips_padding(dtype):
+  rng = np.random.default_rng(0)
+  n_slots, dim = 1000, 24
+  rows = np.sort(rng.choice(n_slots, 60, replace=False)).astype(np.int32)
+  rows[-7:] = n_slots  # padding, as compact_rows pads
+  table = jnp.asarray(rng.standard_normal((n_slots, dim)) * 100, dtype)
+  new = jnp.asarray(rng.standard_normal((60, dim)) * 100, dtype)
+  want = np.asarray(table.at[rows].set(new, mode="drop"))
+  write = jax.jit(lambda t, r, n: set_rows(t, r, n, impl="cpu"), donate_argnums=0)
+  assert "memjax_set_rows" in write.lower(table, rows, new).as_text()
+  address = table.unsafe_buffer_pointer()
+  got = write(table, jnp.asarray(rows), new)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert got.unsafe_buffer_pointer() == address  # the donated table itself, not a copy

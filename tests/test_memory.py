@@ -3,6 +3,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from flax import nnx
 from conftest import precision
 from memjax.config import MemoryConfig, ModelConfig
 from memjax.layers.memory import ProductKeyMemory
+from memjax.ops import product_topk
 from torch_oracle import (
     OracleMemory, build_random, load_into_oracle, oracle_grads, relative_error, to_reference,
 )
@@ -188,3 +190,44 @@ def test_qk_norm_runs_and_changes_the_output():
   assert out.shape == x_BTD.shape and np.isfinite(out).all()
   assert not np.allclose(out, forward_and_grads(plain, x_BTD, x_BTD)[0], atol=1e-3)
   assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in to_reference(grads).values())
+
+
+def differentiate_every_score(layer, x_ND):
+  """The selection as the reference differentiates it: through all 2 x M sub-key scores."""
+  n = x_ND.shape[0]
+  scores_NH2M = layer.half_scores(x_ND)
+  scores_RK, slots_RK = product_topk(
+      scores_NH2M[:, :, 0].reshape(n * layer.heads, -1),
+      scores_NH2M[:, :, 1].reshape(n * layer.heads, -1),
+      layer.knn,
+  )
+  shape = (n, layer.heads, layer.knn)
+  return slots_RK.reshape(shape), jax.nn.softmax(scores_RK, axis=-1).reshape(shape)
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [dict(), dict(qk_norm=True), dict(query_dropout=0.3), dict(k_dim=64, n_keys=8)],
+    ids=["plain", "qk_norm", "query_dropout", "folded_query"],
+)
+def test_the_selection_gradient_equals_differentiating_every_sub_key_score(memory):
+  layer = build_random(lambda: ProductKeyMemory(make_config(**memory), rngs=nnx.Rngs(0)), 0)
+  layer.train()  # query dropout draws a mask; both copies below draw the same one
+  rng = np.random.default_rng(2)
+  x_ND = jnp.asarray(rng.standard_normal((10, DIM)), jnp.float32)
+  cot_NHK = jnp.asarray(rng.standard_normal((10, layer.heads, layer.knn)), jnp.float32)
+
+  def grads(select, layer):
+    loss = lambda layer, x_ND: jnp.sum(select(layer, x_ND)[1] * cot_NHK)
+    return nnx.grad(loss, argnums=(0, 1))(layer, x_ND), select(layer, x_ND)
+
+  (ours, dx_ours), (slots, weights) = grads(lambda m, x: m.select(x), nnx.clone(layer))
+  (ref, dx_ref), (ref_slots, ref_weights) = grads(differentiate_every_score, nnx.clone(layer))
+
+  np.testing.assert_array_equal(slots, ref_slots)
+  np.testing.assert_array_equal(weights, ref_weights)  # the values are the full scores'
+  ours, ref = to_reference(ours), to_reference(ref)
+  errors = {name: relative_error(ours[name], ref[name]) for name in ref}
+  errors["d input"] = relative_error(dx_ours, dx_ref)
+  assert max(errors.values()) <= 1e-6, errors
+  assert np.abs(ours["keys"]).max() > 0 and np.abs(dx_ours).max() > 0

@@ -225,6 +225,49 @@ def test_the_sharded_lookup_compiles_the_kernels_for_a_tpu_mesh():
 
 
 @needs_libtpu
+def test_the_kernels_compile_for_the_papers_largest_table_on_a_v5p_128_slice():
+  """8192^2 slots x 2048 in bfloat16 with memory=16: each chip holds a 128-column slice of every
+  row and reads for its memory group's 16 x 4,096 tokens (a batch of 64 x 4,096 over 64 chips),
+  4 heads x knn 32 each. The table gradient's SMEM holds one block of row bounds, not every
+  block's start (262,145 of them would exceed SMEM's 1 MiB)."""
+  slots, dim, tokens, bag, chunk, block_rows = 8192**2, 128, 16 * 4096, 128, 128, 256
+  table, ids = ((slots, dim), jnp.bfloat16), ((tokens, bag), jnp.int32)
+  weights, dout = ((tokens, bag), jnp.float32), ((tokens, dim), jnp.float32)
+  sorted_entries = [((tokens * bag // chunk, chunk), d) for d in (jnp.int32, jnp.int32, jnp.float32)]
+  forward = compile_for_chip(kernels.gather_bag, CHIPS["v5p"], table, ids, weights)
+  backward = compile_for_chip(
+      lambda v, i, d, r, t, w, s: (
+          kernels.sorted_row_grad(r, t, w, s, d, slots, jnp.bfloat16, block_rows=block_rows),
+          kernels.gather_dot(v, i, d),
+      ),
+      CHIPS["v5p"], table, ids, dout, *sorted_entries, ((slots // block_rows + 1,), jnp.int32),
+  )
+  for compiled in (forward, backward):
+    assert "tpu_custom_call" in compiled.as_text()
+  assert hbm_mib(backward)["output"] >= slots * dim * 2 / 2**20
+
+
+@needs_libtpu
+def test_the_sharded_lookup_compiles_the_kernels_for_a_tpu_mesh():
+  from jax.experimental import topologies
+
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+  mesh = jax.make_mesh((1, 1, 4), AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+  bag = lambda v, i, w: sharded_embedding_bag(
+      v, i, w, mesh=mesh, token_axes=AXES, memory_axis="memory", impl="pallas_tpu"
+  )
+  loss = lambda v, w, i: jnp.sum(bag(v, i, w) ** 2)  # the backward needs the forward
+  P, S = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+  args = (jax.ShapeDtypeStruct((4096, 512), jnp.bfloat16, sharding=S(mesh, P(None, "memory"))),
+          jax.ShapeDtypeStruct((256, 32), jnp.float32, sharding=S(mesh, P(AXES))),
+          jax.ShapeDtypeStruct((256, 32), jnp.int32, sharding=S(mesh, P(AXES))))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+  # The forward, the table gradient and the weight gradient: three Mosaic kernels.
+  assert len(set(re.findall(r"memjax_(gather_bag|gather_dot|sorted_row_grad)", hlo))) == 3
+
+
+@needs_libtpu
 def test_the_table_gradient_kernel_compiles_for_the_papers_largest_table():
   """8192^2 slots, a 128-column slice of its 2048 (memory=16): the kernel's SMEM holds one block
   of row bounds, not every block's start (262,145 of them would exceed SMEM's 1 MiB)."""

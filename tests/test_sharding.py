@@ -31,8 +31,9 @@ def tokens(step):
   return jnp.asarray(np.random.default_rng(step).integers(0, 258, (8, 17)), jnp.int32)
 
 
-def run_steps(cfg, devices, n_steps):
-  """Loss and gradients at the initial state, and the parameters after n_steps."""
+def run_steps(cfg, devices, n_steps, rows=None):
+  """Loss and gradients at the initial state, and the parameters after n_steps (`rows`: the
+  tables' gradient form, see `step.make_train_step`)."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   with jax.set_mesh(mesh):
     state = state_lib.create_state(cfg, mesh)
@@ -42,7 +43,7 @@ def run_steps(cfg, devices, n_steps):
     ))
     place = lambda t: jax.device_put(t, sharding.batch_sharding(mesh))
     loss, grads = grad_fn(state.params, state.other, place(tokens(0)))
-    train_step, _ = step_lib.jit_train_step(cfg, mesh)
+    train_step, _ = step_lib.jit_train_step(cfg, mesh, rows)
     losses = []
     for step in range(n_steps):
       state, metrics = train_step(state, place(tokens(step)))

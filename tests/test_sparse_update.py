@@ -60,16 +60,24 @@ def test_merged_rows_sum_the_gradients_of_repeated_rows():
 F64 = [*X64, "model.memory.value_dtype=float64"]
 
 
-def one_step(overrides, table_update, tokens):
-  """(parameters before, after one step, its metrics, the table rows the step reads)."""
+def steps(overrides, table_update, tokens, rows=None, n_steps=1):
+  """(state before, after `n_steps` on `tokens`, the last metrics, the table rows the step
+  reads), with the tables' gradient as `rows` or an (S, V) array (default: the step's choice)."""
   cfg = config.load("tiny", [*SMALL, *overrides, f"train.table_update={table_update}"])
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   with jax.set_mesh(mesh), jax.enable_x64(cfg.model.param_dtype == "float64"):
     state = state_lib.create_state(cfg, mesh)
-    before, touched = jax.device_get(state.params), touched_rows(cfg, state, tokens)
-    train_step, _ = step_lib.jit_train_step(cfg, mesh)
-    after, metrics = train_step(state, tokens)
-  return before, jax.device_get(after.params), metrics, touched
+    before, touched = jax.device_get(state), touched_rows(cfg, state, tokens)
+    train_step, _ = step_lib.jit_train_step(cfg, mesh, rows)
+    for _ in range(n_steps):
+      state, metrics = train_step(state, tokens)
+  return before, jax.device_get(state), metrics, touched
+
+
+def one_step(overrides, table_update, tokens, rows=None):
+  """(parameters before, after one step, its metrics, the table rows the step reads)."""
+  before, after, metrics, touched = steps(overrides, table_update, tokens, rows)
+  return before.params, after.params, metrics, touched
 
 
 def touched_rows(cfg, state, tokens):
@@ -97,7 +105,8 @@ def tokens_for(seed, batch=4, length=17):
 def test_without_decay_one_sparse_step_is_dense_adamw_on_the_touched_rows_and_leaves_the_rest():
   # Over two micro-batches: their rows, and the two layers' rows, are merged before the update.
   tokens = tokens_for(0)
-  before, dense, dense_metrics, touched = one_step([*F64, "train.grad_accum=2"], "dense", tokens)
+  before, dense, dense_metrics, touched = one_step(
+      [*F64, "train.grad_accum=2"], "dense", tokens, rows=False)
   _, sparse, sparse_metrics, _ = one_step([*F64, "train.grad_accum=2"], "sparse", tokens)
   assert 0 < len(touched) < table(before).shape[0] // 4
   for name in ("loss", "grad_norm/dense", "grad_norm/values"):
@@ -112,12 +121,51 @@ def test_without_decay_one_sparse_step_is_dense_adamw_on_the_touched_rows_and_le
 
 def test_with_decay_the_touched_rows_step_as_dense_adamw_and_only_they_decay():
   tokens = tokens_for(1)
-  before, dense, _, touched = one_step([*F64, "train.weight_decay=0.1"], "dense", tokens)
+  before, dense, _, touched = one_step([*F64, "train.weight_decay=0.1"], "dense", tokens, rows=False)
   _, sparse, _, _ = one_step([*F64, "train.weight_decay=0.1"], "sparse", tokens)
   untouched = np.setdiff1d(np.arange(table(before).shape[0]), touched)
   np.testing.assert_array_equal(table(sparse)[untouched], table(before)[untouched])
   assert (np.abs(table(dense)[untouched]) < np.abs(table(before)[untouched])).mean() > 0.99
   np.testing.assert_allclose(table(sparse)[touched], table(dense)[touched], atol=1e-6)
+
+
+def test_the_dense_update_from_row_gradients_is_the_dense_update_from_the_whole_gradient():
+  # Two steps on the same tokens, with decay and two micro-batches: the second moves the
+  # untouched rows by their moments as well as decaying them. float64: see F64.
+  overrides = [*F64, "train.weight_decay=0.1", "train.grad_accum=2"]
+  cfg = config.load("tiny", [*SMALL, *overrides])
+  assert step_lib.row_gradients(cfg)  # the step's own choice at this size
+  tokens = tokens_for(3)
+  before, want, want_metrics, touched = steps(overrides, "dense", tokens, rows=False, n_steps=2)
+  _, got, metrics, _ = steps(overrides, "dense", tokens, n_steps=2)
+  for name in ("loss", "grad_norm/dense", "grad_norm/values"):
+    np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-6)
+  untouched = np.setdiff1d(np.arange(table(before.params).shape[0]), touched)
+  for what in ("params", "opt_state"):
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(getattr(got, what))[0],
+                            jax.tree.leaves(getattr(want, what))):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  # Off the touched rows the gradient is zero in both forms: the same operations, bit for bit.
+  np.testing.assert_array_equal(table(got.params)[untouched], table(want.params)[untouched])
+  assert not np.array_equal(table(got.params)[untouched], table(before.params)[untouched])
+
+
+@pytest.fixture(scope="module")
+def dense_single_device_x64(fast_compile_module):
+  with jax.enable_x64(True):
+    return run_steps(cfg_for((1, 1, 1), *X64), jax.devices()[:1], 3, rows=False)[0]
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 2, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_the_dense_update_from_row_gradients_takes_the_dense_steps_on_a_mesh(
+    shape, dense_single_device_x64):
+  _, _, want_params, want_losses = dense_single_device_x64
+  rows_over_fsdp = ["mesh.table_rows_over_fsdp=true"] if shape[1] > 1 else []
+  with jax.enable_x64(True):
+    (_, _, params, losses), _ = run_steps(
+        cfg_for(shape, *X64, *rows_over_fsdp), jax.devices(), 3, rows=True)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  assert_close(params, want_params, "parameter after 3 dense steps from row gradients")
 
 
 # Rows of 128 lanes, which the pallas_tpu kernels copy (narrower tables go to their XLA twin).

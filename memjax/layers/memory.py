@@ -33,6 +33,19 @@ def _device_mesh(n_tokens: int) -> jax.sharding.AbstractMesh | None:
   return mesh
 
 
+def _chosen_scores(query_NH2E: jax.Array, keys_H2ME: jax.Array, slots_NHK: jax.Array) -> jax.Array:
+  """<q_h,1, keys[h, 1, i]> + <q_h,2, keys[h, 2, j]> for each chosen slot i * M + j, (N, H, K)."""
+  n_keys = keys_H2ME.shape[2]
+  halves = (slots_NHK // n_keys, slots_NHK % n_keys)
+  score_NHK = 0
+  for s, sub_NHK in enumerate(halves):
+    keys_NHKE = jax.vmap(lambda k_ME, i_NK: k_ME[i_NK], in_axes=(0, 1), out_axes=1)(
+        keys_H2ME[:, s], sub_NHK
+    )
+    score_NHK = score_NHK + jnp.einsum("nhe,nhke->nhk", query_NH2E[:, :, s], keys_NHKE)
+  return score_NHK
+
+
 class MemoryValues(nnx.Param):
   """The (S, V) value table. Its own type so the optimizer, sharding and checkpoints select it."""
 
@@ -108,11 +121,26 @@ class ProductKeyMemory(nnx.Module):
     fold_once = dim * self.heads * 2 * self.half * self.n_keys
     return n_tokens * per_token_folded + fold_once < n_tokens * per_token_query
 
-  def half_scores(self, x_ND: jax.Array) -> jax.Array:
-    """Scores of every sub-key of both halves, (N, H, 2, M): <q_h,s, keys[h, s, m]>."""
+  def _query(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The query (N, H, 2, E) and the sub-keys (H, 2, M, E) that are scored against it."""
+    n = x_ND.shape[0]
+    query_NH2E = self.query_dropout(self.query_proj(x_ND)).reshape(n, self.heads, 2, self.half)
+    keys_H2ME = self.keys[...].astype(query_NH2E.dtype)
+    if self.qk_norm:
+      query_NH2E = rms_normalise(query_NH2E, self.norm_eps).astype(query_NH2E.dtype)
+      keys_H2ME = rms_normalise(keys_H2ME, self.norm_eps).astype(keys_H2ME.dtype)
+    return query_NH2E, keys_H2ME
+
+  def half_scores(
+      self, x_ND: jax.Array, query: tuple[jax.Array, jax.Array] | None = None
+  ) -> jax.Array:
+    """Scores of every sub-key of both halves, (N, H, 2, M): <q_h,s, keys[h, s, m]>.
+
+    `query` is `_query(x_ND)` when the caller has it (it folds nothing then).
+    """
     n, d = x_ND.shape
-    keys_H2ME = self.keys[...]
-    if self._fold_query(n, d):
+    if query is None and self._fold_query(n, d):
+      keys_H2ME = self.keys[...]
       kernel_DH2E = self.query_proj.kernel[...].reshape(d, self.heads, 2, self.half)
       folded_DH2M = jnp.einsum("dhse,hsme->dhsm", kernel_DH2E, keys_H2ME)
       scores_NH2M = (
@@ -124,17 +152,21 @@ class ProductKeyMemory(nnx.Module):
             scores_NH2M.dtype
         )
       return scores_NH2M
-    query_NH2E = self.query_dropout(self.query_proj(x_ND)).reshape(n, self.heads, 2, self.half)
-    keys_H2ME = keys_H2ME.astype(query_NH2E.dtype)
-    if self.qk_norm:
-      query_NH2E = rms_normalise(query_NH2E, self.norm_eps).astype(query_NH2E.dtype)
-      keys_H2ME = rms_normalise(keys_H2ME, self.norm_eps).astype(keys_H2ME.dtype)
+    query_NH2E, keys_H2ME = query if query is not None else self._query(x_ND)
     return jnp.einsum("nhse,hsme->nhsm", query_NH2E, keys_H2ME)
 
   def select(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Slots and their softmax weights per (token, head): (N, H, K) int32 and (N, H, K)."""
-    n = x_ND.shape[0]
-    scores_NH2M = self.half_scores(x_ND)
+    """Slots and their softmax weights per (token, head): (N, H, K) int32 and (N, H, K).
+
+    The scores of all 2 x M sub-keys only choose the slots and carry no gradient. The chosen
+    ones are scored again from the gathered sub-keys, and only that O(K) score is
+    differentiated: the gradient is the same, but the backward no longer costs the O(M)
+    scoring's two matmuls.
+    """
+    n, d = x_ND.shape
+    fold = self._fold_query(n, d)
+    query = None if fold else self._query(x_ND)
+    scores_NH2M = jax.lax.stop_gradient(self.half_scores(x_ND, query))
     rows = n * self.heads
     top_k = functools.partial(product_topk, knn=self.knn, impl=self.impl)
     if (mesh := _device_mesh(n)) is not None:
@@ -146,9 +178,15 @@ class ProductKeyMemory(nnx.Module):
         scores_NH2M[:, :, 0].reshape(rows, self.n_keys),
         scores_NH2M[:, :, 1].reshape(rows, self.n_keys),
     )
-    weights_RK = jax.nn.softmax(scores_RK.astype(jnp.float32), axis=-1).astype(scores_RK.dtype)
     shape = (n, self.heads, self.knn)
-    return slots_RK.reshape(shape), weights_RK.reshape(shape)
+    slots_NHK = slots_RK.reshape(shape)
+    query_NH2E, keys_H2ME = self._query(x_ND) if fold else query
+    rescored_NHK = _chosen_scores(query_NH2E, keys_H2ME, slots_NHK)
+    # The full scores' values (bit for bit, as the reference computes them), the gradient of
+    # the rescored ones.
+    scores_NHK = scores_RK.reshape(shape) + (rescored_NHK - jax.lax.stop_gradient(rescored_NHK))
+    weights_NHK = jax.nn.softmax(scores_NHK.astype(jnp.float32), axis=-1).astype(scores_NHK.dtype)
+    return slots_NHK, weights_NHK
 
   def _read(self, idx_NK: jax.Array, w_NK: jax.Array) -> jax.Array:
     """The bag over the whole table, or over a compact copy of the rows it touches whose

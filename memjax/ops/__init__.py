@@ -2,6 +2,7 @@
 
 from memjax.ops.embedding_bag import available_impls, embedding_bag, register_impl, resolve_impl
 from memjax.ops.product_keys import candidate_pairs, product_topk, register_top_k
+from memjax.ops.table_rows import register_set_rows, set_rows
 
 __all__ = [
     "available_impls",
@@ -9,6 +10,8 @@ __all__ = [
     "embedding_bag",
     "product_topk",
     "register_impl",
+    "register_set_rows",
     "register_top_k",
     "resolve_impl",
+    "set_rows",
 ]

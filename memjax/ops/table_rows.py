@@ -7,13 +7,41 @@ of an (S, V) one. `merge_rows` sums the gradients of repeated rows across severa
 layers that share a table, the micro-batches of a step).
 
 Padding entries hold the id S, one past the last row: a gather with mode="clip" reads a real row
-for them (which no lookup uses) and a scatter with mode="drop" skips them.
+for them (which no lookup uses) and a scatter with mode="drop" skips them. `set_rows` writes
+updated rows back, through a lookup impl's kernel where it registers one.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+from memjax.ops.embedding_bag import resolve_impl
+
+SetRows = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+# impl name -> its in-place row write, for the tables of lookups that run with that impl.
+_SET_ROWS: dict[str, SetRows] = {}
+
+
+def register_set_rows(impl: str, set_rows_fn: SetRows) -> None:
+  """`set_rows_fn(table, rows, new)` as `table.at[rows].set(new, mode="drop")` for distinct rows."""
+  _SET_ROWS[impl] = set_rows_fn
+
+
+def set_rows(table_SV: jax.Array, rows_R: jax.Array, new_RV: jax.Array, impl: str = "xla") -> jax.Array:
+  """`table_SV` with the distinct rows `rows_R` replaced by `new_RV` (ids >= S skipped).
+
+  `impl`'s registered kernel runs it on one device; on a mesh of several devices the write is
+  XLA's scatter, which the partitioner splits along the table's sharding.
+  """
+  kernel = _SET_ROWS.get(resolve_impl(impl))
+  mesh = jax.sharding.get_abstract_mesh()
+  if kernel is None or (not mesh.empty and mesh.size > 1):
+    return table_SV.at[rows_R].set(new_RV.astype(table_SV.dtype), mode="drop")
+  return kernel(table_SV, rows_R, new_RV)
 
 
 def row_capacity(n_ids: int, n_slots: int) -> int:

@@ -2,10 +2,13 @@
 
 Batches are int32 (B, T + 1) token windows: inputs are [:, :-1], next-token targets [:, 1:].
 
-With `train.table_update: sparse`, the value table is not differentiated: each memory layer reads
-a compact copy of the rows it touches, the gradient of that copy is captured (an
-`nnx.Perturbation`), and the optimizer updates those rows alone (`memjax.optim`). No (S, V)
-gradient is built, and the step's cost follows the lookups rather than the table.
+The value tables' gradient takes one of two forms (`row_gradients`). Dense: the table is
+differentiated like any parameter, an (S, V) array. Rows: the table is not differentiated; each
+memory layer reads a compact copy of the rows it touches, and the gradient of that copy is
+captured (an `nnx.Perturbation`). The sparse update always takes rows (it updates those alone);
+the dense update takes them when a micro-batch can touch at most a quarter of the table, and
+then moves every row with a pass over the table and its moments that reads no gradient
+(`memjax.optim`). Either update is the same maths in both forms.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from flax import nnx
 from memjax.config import Config
 from memjax.layers.memory import TABLE_ROW_IDS, TABLE_ROWS, MemoryValues, ProductKeyMemory
 from memjax.model import balance_loss, cross_entropy
-from memjax.ops.table_rows import merge_rows
+from memjax.ops.table_rows import merge_rows, row_capacity
 from memjax.optim import AdamW, RowGrads, group_norms
 from memjax.training.state import TrainState
 
@@ -51,17 +54,33 @@ def _table_paths(model: nnx.Module) -> dict[tuple, tuple]:
   return {path: table_at[id(layer.values)] for path, layer in layers.items()}
 
 
-def _sparse_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
+def row_gradients(cfg: Config) -> bool:
+  """Whether the step takes the value tables' gradient as the rows a micro-batch touches.
+
+  Always for the sparse update. For the dense one when the rows one memory layer reads in a
+  micro-batch are at most a quarter of the table: the compact rows cost a sort of the ids and a few passes over the rows, the (S, V)
+  gradient a zeroed table, a scatter into it and a read of it in the update.
+  """
+  if cfg.train.table_update == "sparse":
+    return True
+  if not cfg.model.memory.enabled:
+    return False
+  mem = cfg.model.memory
+  ids = cfg.train.batch_size // cfg.train.grad_accum * cfg.train.seq_len * mem.heads * mem.knn
+  return 4 * row_capacity(ids, mem.n_slots) <= mem.n_slots
+
+
+def _row_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
   """grad_fn(params, other, tokens_BT1) -> ((loss, (other, ce, balance)), dense grads, rows):
   the gradient of every parameter but the value tables, and per table path a list of
   `RowGrads`, one per memory layer that reads it."""
 
-  def sparse_view(params, other):
+  def rows_view(params, other):
     model = nnx.merge(graphdef, params, other)
     return nnx.view(model, only=ProductKeyMemory, sparse_table_grad=True)
 
   def loss(rest, probes, tables, other, tokens_BT1):
-    view = sparse_view(nnx.merge_state(rest, tables), other)
+    view = rows_view(nnx.merge_state(rest, tables), other)
     logits_BTW, _, intermediates = nnx.capture(
         view, nnx.Perturbation, nnx.Intermediate, init=probes)(tokens_BT1[:, :-1])
     balance = balance_loss(intermediates) if balance_coef else jnp.float32(0)
@@ -74,13 +93,13 @@ def _sparse_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
   def zero_probes(params, other, tokens_BT1):
     """The captured rows' perturbations, zeros: their shapes follow the batch's."""
     def probes(params, other):
-      return nnx.capture(sparse_view(params, other), nnx.Perturbation)(tokens_BT1[:, :-1])[1]
+      return nnx.capture(rows_view(params, other), nnx.Perturbation)(tokens_BT1[:, :-1])[1]
     shapes = jax.eval_shape(probes, params, other)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
-  def sparse_grads(params, other, tokens_BT1):
+  def row_grads(params, other, tokens_BT1):
     tables, rest = nnx.split_state(params, MemoryValues, ...)
     probes = zero_probes(params, other, tokens_BT1)
     (total, (other_out, ce, balance, row_ids)), (grads, probe_grads) = grad_fn(
@@ -92,7 +111,7 @@ def _sparse_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
       rows.setdefault(table, []).append(RowGrads(row_ids[layer], grads_RV))
     return (total, (other_out, ce, balance)), grads, rows
 
-  return sparse_grads
+  return row_grads
 
 
 def _merged_rows(rows: dict[tuple, list[RowGrads]], params, accum: int) -> dict[tuple, RowGrads]:
@@ -110,23 +129,29 @@ def _merged_rows(rows: dict[tuple, list[RowGrads]], params, accum: int) -> dict[
 
 
 def make_train_step(
-    cfg: Config, graphdef: nnx.GraphDef, tx: AdamW, schedule: Callable
+    cfg: Config, graphdef: nnx.GraphDef, tx: AdamW, schedule: Callable,
+    rows: bool | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
   """train_step(state, tokens_BT1) -> (state, metrics), with gradient accumulation over
   `train.grad_accum` micro-batches and a guard that skips a step whose loss or gradients are not
-  finite (parameters and optimizer state unchanged; counted)."""
+  finite (parameters and optimizer state unchanged; counted).
+
+  `rows` forces the tables' gradient form (default: `row_gradients(cfg)`); the update's maths
+  stay `train.table_update`'s either way."""
   accum = cfg.train.grad_accum
   coef = cfg.model.moe.balance_coef if cfg.model.moe.layers else 0.0
-  sparse = cfg.train.table_update == "sparse"
-  if sparse:
-    grad_fn = _sparse_grad_fn(graphdef, coef)
+  by_rows = row_gradients(cfg) if rows is None else rows
+  if cfg.train.table_update == "sparse" and not by_rows:
+    raise ValueError("train.table_update=sparse needs the tables' gradient as rows")
+  if by_rows:
+    grad_fn = _row_grad_fn(graphdef, coef)
   else:
     dense_fn = jax.value_and_grad(lambda p, o, t: _loss(graphdef, p, o, t, coef), has_aux=True)
     grad_fn = lambda p, o, t: (*dense_fn(p, o, t), {})
 
   def accumulated_grads(state: TrainState, tokens_BT1: jax.Array):
     """(other, grads, rows, cross-entropy, balance loss), averaged over the micro-batches in
-    float32; a sparse table's rows are gathered per micro-batch and merged after."""
+    float32; a table's gradient rows are gathered per micro-batch and merged after."""
     micro_ABT1 = tokens_BT1.reshape(accum, -1, tokens_BT1.shape[-1])
 
     def micro_step(carry, tokens):
@@ -135,7 +160,7 @@ def make_train_step(
       grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
       return (other, grad_sum, ce_sum + ce, balance_sum + balance), rows
 
-    params = nnx.split_state(state.params, MemoryValues, ...)[1] if sparse else state.params
+    params = nnx.split_state(state.params, MemoryValues, ...)[1] if by_rows else state.params
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     (other, grad_sum, ce_sum, balance_sum), rows_A = jax.lax.scan(
         micro_step, (state.other, zeros, jnp.float32(0), jnp.float32(0)), micro_ABT1
@@ -176,10 +201,12 @@ def make_train_step(
   return train_step
 
 
-def jit_train_step(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+def jit_train_step(
+    cfg: Config, mesh: jax.sharding.Mesh, rows: bool | None = None
+) -> tuple[Callable, Callable]:
   """The train step jitted with the state's and the batch's shardings on `mesh` and the state
   donated; and a function giving its abstract (state, batch) arguments, for an ahead-of-time
-  compile."""
+  compile. `rows` as in `make_train_step`."""
   from memjax import optim, sharding
   from memjax.training import state as state_lib
 
@@ -188,7 +215,7 @@ def jit_train_step(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[Callable, Call
   )
   train_step = make_train_step(
       cfg, state_lib.model_graphdef(cfg), optim.make_optimizer(cfg),
-      lambda step: cfg.train.lr * schedule(step),
+      lambda step: cfg.train.lr * schedule(step), rows,
   )
   shardings = state_lib.state_shardings(cfg, mesh)
   batch_sharding = sharding.batch_sharding(mesh)

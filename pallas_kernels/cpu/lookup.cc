@@ -13,6 +13,9 @@
 //   memjax_bag_bwd     dV (dense, duplicates summed, each row written by one thread, so the
 //                      result is deterministic) and dw[t, j] = <dOut[t], V[idx[t, j]]>, both
 //                      in one sequential sweep over the table.
+//   memjax_set_rows    table (S, V), rows (R,) s32, new (R, V) -> the table with rows[r]
+//                      replaced by new[r], in place (the result aliases the table), any dtype.
+//                      XLA:CPU scatters 16-bit tables through a float32 copy of the whole table.
 //
 // Ids outside [0, S) read the clamped row and give no table gradient, as the XLA implementation.
 
@@ -399,7 +402,40 @@ ffi::Error BagBackward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+ffi::Error SetRows(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows,
+                   ffi::AnyBuffer updates, ffi::Result<ffi::AnyBuffer> out) {
+  const auto dims = table.dimensions();
+  const auto update_dims = updates.dimensions();
+  if (dims.size() != 2 || update_dims.size() != 2 || update_dims[1] != dims[1] ||
+      rows.element_count() != update_dims[0] || updates.element_type() != table.element_type() ||
+      out->element_type() != table.element_type() || out->size_bytes() != table.size_bytes()) {
+    return ffi::Error::InvalidArgument(
+        "memjax_set_rows: table (S, V), rows (R,) and new rows (R, V) of the table's dtype");
+  }
+  const int64_t n_rows = dims[0];
+  const int64_t row_bytes = dims[1] * static_cast<int64_t>(ffi::ByteWidth(table.element_type()));
+  char* dst = static_cast<char*>(out->untyped_data());
+  if (dst != table.untyped_data()) std::memcpy(dst, table.untyped_data(), table.size_bytes());
+  const char* src = static_cast<const char*>(updates.untyped_data());
+  const int32_t* ids = rows.typed_data();
+  ParallelFor(pool, update_dims[0], 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t row = ids[r];
+      if (row >= 0 && row < n_rows) std::memcpy(dst + row * row_bytes, src + r * row_bytes, row_bytes);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxSetRows, SetRows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxTopK, TopK,
                               ffi::Ffi::Bind()

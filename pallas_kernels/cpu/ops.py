@@ -20,6 +20,7 @@ _TARGETS = {
     "memjax_product_topk": "MemjaxProductTopK",
     "memjax_bag_fwd": "MemjaxBagForward",
     "memjax_bag_bwd": "MemjaxBagBackward",
+    "memjax_set_rows": "MemjaxSetRows",
 }
 
 
@@ -133,3 +134,13 @@ def bag_backward(
       w_NK.astype(jnp.float32),
       dout_NV.astype(jnp.float32),
   )
+
+
+def set_rows(table_SV: jax.Array, rows_R: jax.Array, new_RV: jax.Array) -> jax.Array:
+  """`table_SV.at[rows_R].set(new_RV, mode="drop")` in place for distinct `rows_R`, in any dtype
+  (XLA:CPU would scatter a 16-bit table through a float32 copy of all of it)."""
+  _register_targets()
+  return jax.ffi.ffi_call(
+      "memjax_set_rows", jax.ShapeDtypeStruct(table_SV.shape, table_SV.dtype),
+      input_output_aliases={0: 0},
+  )(table_SV, rows_R.astype(jnp.int32), new_RV.astype(table_SV.dtype))

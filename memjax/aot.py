@@ -114,6 +114,7 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
       "mesh": dict(mesh.shape),
       "impl": cfg.model.memory.impl,
       "table_update": cfg.train.table_update,
+      "table_grad": "rows" if step_lib.row_gradients(cfg) else "dense",
       "compile_s": seconds,
       "params_bytes": state_lib.tree_bytes_per_device(abstract.params),
       "opt_state_bytes": state_lib.tree_bytes_per_device(abstract.opt_state),
@@ -131,7 +132,8 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
 def report(f: dict) -> str:
   return "\n".join([
       f"{f['topology']} ({f['libtpu_topology']}, {f['devices']} x {f['device_kind']}), mesh "
-      f"{f['mesh']}, lookup impl {f['impl']}, {f['table_update']} table update; compiled in "
+      f"{f['mesh']}, lookup impl {f['impl']}, {f['table_update']} table update (gradient as "
+      f"{'touched rows' if f['table_grad'] == 'rows' else 'an (S, V) array'}); compiled in "
       f"{f['compile_s']:.0f}s",
       f"per device: parameters {_gib(f['params_bytes'])}, optimizer state "
       f"{_gib(f['opt_state_bytes'])}, temporaries {_gib(f['temp_bytes'])}; total "

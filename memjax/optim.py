@@ -130,13 +130,13 @@ class AdamW:
       hyper = (*scalars[param_group(p)], corrections, finite)
       if path in row_grads:
         rows, g = row_grads[path]
-        take = lambda x: jnp.take(x[...], rows, axis=0, mode="clip")
-        updated = self._leaf(take(p), g, take(m), take(v), *hyper)
-        whole = (p[...], m[...], v[...])
-        if not self.rows_only:  # every row's step with a zero gradient; the rows' replace theirs
-          whole = self._leaf(*whole[:1], None, *whole[1:], *hyper)
-        p_new, m_new, v_new = (
-            set_rows(x, rows, rows_new, self.impl) for x, rows_new in zip(whole, updated))
+        if self.rows_only:
+          take = lambda x: jnp.take(x[...], rows, axis=0, mode="clip")
+          updated = self._leaf(take(p), g, take(m), take(v), *hyper)
+          p_new, m_new, v_new = (
+              set_rows(x[...], rows, rows_new, self.impl) for x, rows_new in zip((p, m, v), updated))
+        else:
+          p_new, m_new, v_new = self._dense_from_rows(p[...], rows, g, m[...], v[...], *hyper)
       else:
         p_new, m_new, v_new = self._leaf(p[...], flat_grads[path][...], m[...], v[...], *hyper)
       new_params[path], new_mu[path], new_nu[path] = p.replace(p_new), m.replace(m_new), v.replace(v_new)
@@ -145,14 +145,9 @@ class AdamW:
     return nnx.from_flat_state(new_params), state
 
   def _leaf(self, p, g, m, v, scale, lr, corrections, finite):
-    """The fused update of one parameter; `g=None` is a zero gradient, never materialised (the
-    same values bit for bit: adding (1 - B) * 0 changes nothing)."""
-    f32 = jnp.float32
-    m32, v32 = B1 * m.astype(f32), B2 * v.astype(f32)
-    if g is not None:
-      g = g.astype(f32) * scale
-      m32, v32 = m32 + (1 - B1) * g, v32 + (1 - B2) * jnp.square(g)
-    if self.state_dtype == f32:
+    """The fused update of one parameter: (new p, new m, new v)."""
+    m32, v32 = self._moments(g, m, v, scale)
+    if self.state_dtype == jnp.float32:
       # The stored moments are the float32 ones: materialise them (in place of the old ones) and
       # read them back for the parameter, rather than recomputing them from the old moments.
       m32, v32 = m_new, v_new = jax.lax.optimization_barrier(
@@ -161,10 +156,43 @@ class AdamW:
       m32, v32 = jax.lax.optimization_barrier((m32, v32))
       m_new = jnp.where(finite, m32.astype(m.dtype), m)
       v_new = jnp.where(finite, v32.astype(v.dtype), v)
+    return self._param(p, m32, v32, lr, corrections, finite), m_new, v_new
+
+  def _dense_from_rows(self, p, rows, g, m, v, scale, lr, corrections, finite):
+    """`_leaf` from the gradient's nonzero rows: the same values, and with float32 moments no
+    (S, V) gradient and no whole-table temporary.
+
+    Each moment is stepped with a zero gradient and its touched rows are overwritten in one
+    row-write call, in place; the parameter's pass reads the new moments from it. (Fused into
+    XLA passes instead, the zero-gradient step is recomputed inside the parameter's pass from
+    the old moments, which XLA then copies to keep alive.)"""
+    if self.state_dtype != jnp.float32:  # the parameter's step uses the unrounded moments
+      g_dense = set_rows(jnp.zeros(p.shape, g.dtype), rows, g, self.impl)
+      return self._leaf(p, g_dense, m, v, scale, lr, corrections, finite)
+    take = lambda x: jnp.take(x, rows, axis=0, mode="clip")
+    m_rows, v_rows = self._moments(g, take(m), take(v), scale)
+    m_new, v_new = (
+        set_rows(old, rows, jnp.where(finite, new, take(old)), self.impl,
+                 factor=jnp.where(finite, decay, jnp.float32(1)))
+        for old, new, decay in ((m, m_rows, B1), (v, v_rows, B2)))
+    return self._param(p, m_new, v_new, lr, corrections, finite), m_new, v_new
+
+  @staticmethod
+  def _moments(g, m, v, scale):
+    """The new moments in float32; `g=None` is a zero gradient, never materialised (the same
+    values: adding (1 - B) * 0 changes nothing)."""
+    f32 = jnp.float32
+    m32, v32 = B1 * m.astype(f32), B2 * v.astype(f32)
+    if g is not None:
+      g = g.astype(f32) * scale
+      m32, v32 = m32 + (1 - B1) * g, v32 + (1 - B2) * jnp.square(g)
+    return m32, v32
+
+  def _param(self, p, m32, v32, lr, corrections, finite):
+    f32 = jnp.float32
     update = (m32 / corrections[0]) / (jnp.sqrt(v32 / corrections[1]) + EPS)
     update = update + self.weight_decay * p.astype(f32)
-    new_p = jnp.where(finite, (p.astype(f32) - lr * update).astype(p.dtype), p)
-    return new_p, m_new, v_new
+    return jnp.where(finite, (p.astype(f32) - lr * update).astype(p.dtype), p)
 
 
 def make_optimizer(cfg: Config) -> AdamW:

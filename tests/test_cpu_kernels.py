@@ -161,3 +161,17 @@ def test_set_rows_writes_the_listed_rows_in_place_and_skips_padding(dtype):
   got = write(table, jnp.asarray(rows), new)
   np.testing.assert_array_equal(np.asarray(got), want)
   assert got.unsafe_buffer_pointer() == address  # the donated table itself, not a copy
+
+
+def test_set_rows_with_a_factor_scales_every_other_row_as_xla_does():
+  rng = np.random.default_rng(1)
+  table = jnp.asarray(rng.standard_normal((500, 16)), jnp.float32)
+  rows = jnp.asarray([3, 7, 499, 500], jnp.int32)
+  new = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+  factor = jnp.float32(0.95)
+  want = np.asarray((factor * table).at[rows].set(new, mode="drop"))
+  got = jax.jit(lambda t, f: set_rows(t, rows, new, impl="cpu", factor=f), donate_argnums=0)(
+      table, factor)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  with pytest.raises(ValueError, match="float32"):
+    cpu.set_rows(jnp.asarray(want, jnp.bfloat16), rows, new, factor)

@@ -20,28 +20,34 @@ import jax.numpy as jnp
 
 from memjax.ops.embedding_bag import resolve_impl
 
-SetRows = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+SetRows = Callable[..., jax.Array]
 
 # impl name -> its in-place row write, for the tables of lookups that run with that impl.
 _SET_ROWS: dict[str, SetRows] = {}
 
 
 def register_set_rows(impl: str, set_rows_fn: SetRows) -> None:
-  """`set_rows_fn(table, rows, new)` as `table.at[rows].set(new, mode="drop")` for distinct rows."""
+  """`set_rows_fn(table, rows, new, factor=None)` as `set_rows`'s XLA path, for distinct rows."""
   _SET_ROWS[impl] = set_rows_fn
 
 
-def set_rows(table_SV: jax.Array, rows_R: jax.Array, new_RV: jax.Array, impl: str = "xla") -> jax.Array:
-  """`table_SV` with the distinct rows `rows_R` replaced by `new_RV` (ids >= S skipped).
+def set_rows(
+    table_SV: jax.Array, rows_R: jax.Array, new_RV: jax.Array, impl: str = "xla",
+    factor: jax.Array | None = None,
+) -> jax.Array:
+  """`table_SV` scaled by `factor` (a float32 scalar; float32 tables), with the distinct rows
+  `rows_R` then replaced by `new_RV` (ids >= S skipped).
 
-  `impl`'s registered kernel runs it on one device; on a mesh of several devices the write is
-  XLA's scatter, which the partitioner splits along the table's sharding.
+  `impl`'s registered kernel runs it on one device; on a mesh of several devices it is XLA's
+  scatter, which the partitioner splits along the table's sharding.
   """
   kernel = _SET_ROWS.get(resolve_impl(impl))
   mesh = jax.sharding.get_abstract_mesh()
-  if kernel is None or (not mesh.empty and mesh.size > 1):
-    return table_SV.at[rows_R].set(new_RV.astype(table_SV.dtype), mode="drop")
-  return kernel(table_SV, rows_R, new_RV)
+  if kernel is not None and (mesh.empty or mesh.size == 1):
+    return kernel(table_SV, rows_R, new_RV, factor)
+  if factor is not None:
+    table_SV = (factor * table_SV.astype(jnp.float32)).astype(table_SV.dtype)
+  return table_SV.at[rows_R].set(new_RV.astype(table_SV.dtype), mode="drop")
 
 
 def row_capacity(n_ids: int, n_slots: int) -> int:

@@ -13,9 +13,11 @@
 //   memjax_bag_bwd     dV (dense, duplicates summed, each row written by one thread, so the
 //                      result is deterministic) and dw[t, j] = <dOut[t], V[idx[t, j]]>, both
 //                      in one sequential sweep over the table.
-//   memjax_set_rows    table (S, V), rows (R,) s32, new (R, V) -> the table with rows[r]
-//                      replaced by new[r], in place (the result aliases the table), any dtype.
-//                      XLA:CPU scatters 16-bit tables through a float32 copy of the whole table.
+//   memjax_set_rows    table (S, V), factor () f32, rows (R,) s32, new (R, V) -> factor * table
+//                      with rows[r] replaced by new[r], in place (the result aliases the table).
+//                      Any dtype when factor is 1, float32 otherwise. XLA:CPU scatters 16-bit
+//                      tables through a float32 copy of the whole table, and copies a table
+//                      that a fused pass scales before its rows are written.
 //
 // Ids outside [0, S) read the clamped row and give no table gradient, as the XLA implementation.
 
@@ -402,8 +404,9 @@ ffi::Error BagBackward(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<
   return ffi::Error::Success();
 }
 
-ffi::Error SetRows(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows,
-                   ffi::AnyBuffer updates, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error SetRows(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi::Buffer<ffi::F32> factor,
+                   ffi::Buffer<ffi::S32> rows, ffi::AnyBuffer updates,
+                   ffi::Result<ffi::AnyBuffer> out) {
   const auto dims = table.dimensions();
   const auto update_dims = updates.dimensions();
   if (dims.size() != 2 || update_dims.size() != 2 || update_dims[1] != dims[1] ||
@@ -416,6 +419,16 @@ ffi::Error SetRows(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi::Buffer<ffi::
   const int64_t row_bytes = dims[1] * static_cast<int64_t>(ffi::ByteWidth(table.element_type()));
   char* dst = static_cast<char*>(out->untyped_data());
   if (dst != table.untyped_data()) std::memcpy(dst, table.untyped_data(), table.size_bytes());
+  const float scale = factor.typed_data()[0];
+  if (scale != 1.0f) {
+    if (table.element_type() != ffi::DataType::F32) {
+      return ffi::Error::InvalidArgument("memjax_set_rows: a factor other than 1 needs float32");
+    }
+    float* values = reinterpret_cast<float*>(dst);
+    ParallelFor(pool, n_rows * dims[1], 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) values[i] *= scale;
+    });
+  }
   const char* src = static_cast<const char*>(updates.untyped_data());
   const int32_t* ids = rows.typed_data();
   ParallelFor(pool, update_dims[0], 1024, [&](int64_t begin, int64_t end) {
@@ -433,6 +446,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MemjaxSetRows, SetRows,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());

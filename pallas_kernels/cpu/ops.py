@@ -136,11 +136,17 @@ def bag_backward(
   )
 
 
-def set_rows(table_SV: jax.Array, rows_R: jax.Array, new_RV: jax.Array) -> jax.Array:
-  """`table_SV.at[rows_R].set(new_RV, mode="drop")` in place for distinct `rows_R`, in any dtype
-  (XLA:CPU would scatter a 16-bit table through a float32 copy of all of it)."""
+def set_rows(
+    table_SV: jax.Array, rows_R: jax.Array, new_RV: jax.Array, factor: jax.Array | None = None
+) -> jax.Array:
+  """`(factor * table_SV).at[rows_R].set(new_RV, mode="drop")` in place for distinct `rows_R`:
+  any dtype without a factor, float32 with one. XLA:CPU would scatter into a 16-bit table
+  through a float32 copy of all of it, and copy a table scaled by a fused pass first."""
   _register_targets()
+  if factor is not None and table_SV.dtype != jnp.float32:
+    raise ValueError(f"set_rows: a factor needs a float32 table, got {table_SV.dtype}")
+  factor = jnp.float32(1) if factor is None else jnp.asarray(factor, jnp.float32)
   return jax.ffi.ffi_call(
       "memjax_set_rows", jax.ShapeDtypeStruct(table_SV.shape, table_SV.dtype),
       input_output_aliases={0: 0},
-  )(table_SV, rows_R.astype(jnp.int32), new_RV.astype(table_SV.dtype))
+  )(table_SV, factor, rows_R.astype(jnp.int32), new_RV.astype(table_SV.dtype))

@@ -1,4 +1,5 @@
-"""memjax.ops.embedding_bag against the materialised gather-and-sum it replaces, per impl."""
+"""memjax.ops.embedding_bag, and row_dots on its kernels, against the materialised
+gather-and-sum they replace, per impl."""
 
 import functools
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from lookup_impls import IMPLS
-from memjax.ops import available_impls, embedding_bag, resolve_impl
+from memjax.ops import available_impls, embedding_bag, resolve_impl, row_dots
 from pallas_kernels import cpu
 
 pytestmark = pytest.mark.parametrize("impl", IMPLS)
@@ -67,6 +68,31 @@ def test_forward_and_gradients_match_gather_and_sum(
   want = jax.grad(loss(naive_bag), argnums=(0, 1))(values, w)
   close(got[0], want[0], F32_REL, term_scale[0])  # table: duplicates summed, unread rows zero
   close(got[1], want[1], F32_REL, term_scale[1])  # weights: <dOut, V[idx]>
+
+
+@hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
+@hypothesis.given(
+    seed=st.integers(0, 2**16),
+    slots=st.integers(1, 200),
+    dim=st.sampled_from([1, 8, 64]),
+    tokens=st.integers(1, 40),
+    bag=st.integers(1, 20),
+)
+def test_row_dots_and_their_gradients_match_gather_and_dot(impl, seed, slots, dim, tokens, bag):
+  values, idx, _ = random_case(seed, slots, dim, tokens, bag, dup_pool=5)
+  x = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((tokens, dim)), jnp.float32)
+  cot = jax.random.normal(jax.random.PRNGKey(seed), (tokens, bag))
+  naive = lambda v, i, x: jnp.einsum("nv,nkv->nk", x, v[i], precision="highest")
+  ours = functools.partial(row_dots, impl=impl)
+  loss = lambda f: lambda v, x: jnp.sum(f(v, idx, x) * cot)
+  abs_loss = lambda v, x: jnp.sum(naive(jnp.abs(v), idx, jnp.abs(x)) * jnp.abs(cot))
+  scales = [np.abs(g).max() for g in jax.grad(abs_loss, argnums=(0, 1))(values, x)]
+  close(ours(values, idx, x), naive(values, idx, x), F32_REL,
+        np.abs(naive(jnp.abs(values), idx, jnp.abs(x))).max())
+  got = jax.grad(loss(ours), argnums=(0, 1))(values, x)
+  want = jax.grad(loss(naive), argnums=(0, 1))(values, x)
+  close(got[0], want[0], F32_REL, scales[0])
+  close(got[1], want[1], F32_REL, scales[1])
 
 
 def test_first_and_last_rows_and_repeated_index_in_one_bag(impl):

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from memjax.config import ModelConfig
 from memjax.layers import init
 from memjax.layers.norms import rms_normalise
-from memjax.ops import embedding_bag, product_topk
+from memjax.ops import embedding_bag, product_topk, row_dots
 from memjax.ops.memory_parallel import sharded_embedding_bag
 from memjax.ops.table_rows import compact_rows
 
@@ -33,16 +33,20 @@ def _device_mesh(n_tokens: int) -> jax.sharding.AbstractMesh | None:
   return mesh
 
 
-def _chosen_scores(query_NH2E: jax.Array, keys_H2ME: jax.Array, slots_NHK: jax.Array) -> jax.Array:
+def _chosen_scores(
+    query_NH2E: jax.Array, keys_H2ME: jax.Array, slots_NHK: jax.Array, impl: str
+) -> jax.Array:
   """<q_h,1, keys[h, 1, i]> + <q_h,2, keys[h, 2, j]> for each chosen slot i * M + j, (N, H, K)."""
-  n_keys = keys_H2ME.shape[2]
-  halves = (slots_NHK // n_keys, slots_NHK % n_keys)
+  n, h, k = slots_NHK.shape
+  n_keys, half = keys_H2ME.shape[2:]
+  first = (jnp.arange(h, dtype=slots_NHK.dtype) * n_keys)[None, :, None]  # head h's sub-keys
   score_NHK = 0
-  for s, sub_NHK in enumerate(halves):
-    keys_NHKE = jax.vmap(lambda k_ME, i_NK: k_ME[i_NK], in_axes=(0, 1), out_axes=1)(
-        keys_H2ME[:, s], sub_NHK
+  for s, sub_NHK in enumerate((slots_NHK // n_keys, slots_NHK % n_keys)):
+    dots_RK = row_dots(
+        keys_H2ME[:, s].reshape(h * n_keys, half), (first + sub_NHK).reshape(n * h, k),
+        query_NH2E[:, :, s].reshape(n * h, half), impl=impl,
     )
-    score_NHK = score_NHK + jnp.einsum("nhe,nhke->nhk", query_NH2E[:, :, s], keys_NHKE)
+    score_NHK = score_NHK + dots_RK.reshape(n, h, k)
   return score_NHK
 
 
@@ -181,7 +185,11 @@ class ProductKeyMemory(nnx.Module):
     shape = (n, self.heads, self.knn)
     slots_NHK = slots_RK.reshape(shape)
     query_NH2E, keys_H2ME = self._query(x_ND) if fold else query
-    rescored_NHK = _chosen_scores(query_NH2E, keys_H2ME, slots_NHK)
+    rescore = functools.partial(_chosen_scores, impl=self.impl)
+    if mesh is not None:
+      rescore = jax.shard_map(rescore, mesh=mesh, in_specs=(rows_spec, P(), rows_spec),
+                              out_specs=rows_spec)
+    rescored_NHK = rescore(query_NH2E, keys_H2ME, slots_NHK)
     # The full scores' values (bit for bit, as the reference computes them), the gradient of
     # the rescored ones.
     scores_NHK = scores_RK.reshape(shape) + (rescored_NHK - jax.lax.stop_gradient(rescored_NHK))

@@ -1,6 +1,8 @@
 """Operations behind the memory layer; kernels plug in under `embedding_bag`'s `impl`."""
 
-from memjax.ops.embedding_bag import available_impls, embedding_bag, register_impl, resolve_impl
+from memjax.ops.embedding_bag import (
+    available_impls, embedding_bag, register_impl, resolve_impl, row_dots,
+)
 from memjax.ops.product_keys import candidate_pairs, product_topk, register_top_k
 from memjax.ops.table_rows import register_set_rows, set_rows
 
@@ -13,5 +15,6 @@ __all__ = [
     "register_set_rows",
     "register_top_k",
     "resolve_impl",
+    "row_dots",
     "set_rows",
 ]

@@ -206,3 +206,51 @@ def embedding_bag(
   axes = _varying_axes(values, indices, weights)
   values, indices, weights = (_to_varying(a, axes) for a in (values, indices, weights))
   return _embedding_bag(values, indices.astype(jnp.int32), weights, resolve_impl(impl))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _row_dots(values_SV, idx_NK, x_NV, impl):
+  # The bag backward's weight gradient is exactly these dots; its table gradient (zero weights)
+  # is discarded, which is why this is for small tables.
+  _, backward = _IMPLS[impl]
+  zeros_NK = _to_varying(jnp.zeros(idx_NK.shape, jnp.float32), _varying_axes(x_NV))
+  _, dots_NK = backward(values_SV, idx_NK, zeros_NK, x_NV)
+  return _to_varying(dots_NK.astype(x_NV.dtype), _varying_axes(values_SV))
+
+
+def _row_dots_fwd(values_SV, idx_NK, x_NV, impl):
+  return _row_dots(values_SV, idx_NK, x_NV, impl), (values_SV, idx_NK, x_NV)
+
+
+def _row_dots_bwd(impl, residuals, dots_NK):
+  values_SV, idx_NK, x_NV = residuals
+  forward, backward = _IMPLS[impl]
+  dots_NK = dots_NK.astype(jnp.float32)
+  dx_NV = forward(values_SV, idx_NK, dots_NK)
+  dvalues_SV, _ = backward(values_SV, idx_NK, dots_NK, x_NV)
+  axes = _varying_axes(values_SV)
+  return (
+      _to_varying(dvalues_SV.astype(values_SV.dtype), axes),
+      None,
+      _to_varying(dx_NV.astype(x_NV.dtype), axes),
+  )
+
+
+_row_dots.defvjp(_row_dots_fwd, _row_dots_bwd)
+
+
+def row_dots(values: jax.Array, indices: jax.Array, x: jax.Array, impl: str = "auto") -> jax.Array:
+  """dots[t, k] = <x[t], values[indices[t, k]]>, (N, K) in x's dtype, through the embedding-bag
+  kernels of `impl` (its weight gradient forward; the bag and its table gradient backward).
+
+  The gradient reaches only the rows read; the backward writes a dense gradient of `values`,
+  so this is meant for small tables (the memory's sub-keys), not the value table.
+  """
+  if values.ndim != 2 or indices.ndim != 2 or x.shape != (indices.shape[0], values.shape[1]):
+    raise ValueError(
+        "row_dots expects values (S, V), indices (N, K) and x (N, V); got "
+        f"{values.shape}, {indices.shape} and {x.shape}"
+    )
+  axes = _varying_axes(values, indices, x)
+  values, indices, x = (_to_varying(a, axes) for a in (values, indices, x))
+  return _row_dots(values, indices.astype(jnp.int32), x, resolve_impl(impl))

@@ -33,10 +33,11 @@ def _device_mesh(n_tokens: int) -> jax.sharding.AbstractMesh | None:
   return mesh
 
 
-def _chosen_scores(
+def _rescore(
     query_NH2E: jax.Array, keys_H2ME: jax.Array, slots_NHK: jax.Array, impl: str
 ) -> jax.Array:
-  """<q_h,1, keys[h, 1, i]> + <q_h,2, keys[h, 2, j]> for each chosen slot i * M + j, (N, H, K)."""
+  """<q_h,1, keys[h, 1, i]> + <q_h,2, keys[h, 2, j]> for each chosen slot i * M + j, (N, H, K),
+  from the gathered sub-keys alone."""
   n, h, k = slots_NHK.shape
   n_keys, half = keys_H2ME.shape[2:]
   first = (jnp.arange(h, dtype=slots_NHK.dtype) * n_keys)[None, :, None]  # head h's sub-keys
@@ -48,6 +49,29 @@ def _chosen_scores(
     )
     score_NHK = score_NHK + dots_RK.reshape(n, h, k)
   return score_NHK
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chosen_scores(scores_NHK, query_NH2E, keys_H2ME, slots_NHK, impl):
+  """`scores_NHK` (the chosen slots' scores, as the full scoring gave them), with the gradient of
+  `_rescore`: it reaches the chosen sub-keys and their queries only, O(K) work per token where
+  differentiating the full scoring costs its two O(M) matmuls again."""
+  del query_NH2E, keys_H2ME, slots_NHK, impl
+  return scores_NHK
+
+
+def _chosen_scores_fwd(scores_NHK, query_NH2E, keys_H2ME, slots_NHK, impl):
+  return scores_NHK, (query_NH2E, keys_H2ME, slots_NHK)
+
+
+def _chosen_scores_bwd(impl, residuals, dscores_NHK):
+  query_NH2E, keys_H2ME, slots_NHK = residuals
+  _, vjp = jax.vjp(lambda q, k: _rescore(q, k, slots_NHK, impl), query_NH2E, keys_H2ME)
+  dquery_NH2E, dkeys_H2ME = vjp(dscores_NHK)
+  return jnp.zeros_like(dscores_NHK), dquery_NH2E, dkeys_H2ME, None
+
+
+_chosen_scores.defvjp(_chosen_scores_fwd, _chosen_scores_bwd)
 
 
 class MemoryValues(nnx.Param):
@@ -162,10 +186,9 @@ class ProductKeyMemory(nnx.Module):
   def select(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Slots and their softmax weights per (token, head): (N, H, K) int32 and (N, H, K).
 
-    The scores of all 2 x M sub-keys only choose the slots and carry no gradient. The chosen
-    ones are scored again from the gathered sub-keys, and only that O(K) score is
-    differentiated: the gradient is the same, but the backward no longer costs the O(M)
-    scoring's two matmuls.
+    The scores of all 2 x M sub-keys choose the slots; the gradient of the chosen scores is
+    taken from the gathered sub-keys alone (`_chosen_scores`): the same gradient, without the
+    O(M) scoring's two matmuls in the backward.
     """
     n, d = x_ND.shape
     fold = self._fold_query(n, d)
@@ -185,14 +208,11 @@ class ProductKeyMemory(nnx.Module):
     shape = (n, self.heads, self.knn)
     slots_NHK = slots_RK.reshape(shape)
     query_NH2E, keys_H2ME = self._query(x_ND) if fold else query
-    rescore = functools.partial(_chosen_scores, impl=self.impl)
+    chosen = functools.partial(_chosen_scores, impl=self.impl)
     if mesh is not None:
-      rescore = jax.shard_map(rescore, mesh=mesh, in_specs=(rows_spec, P(), rows_spec),
-                              out_specs=rows_spec)
-    rescored_NHK = rescore(query_NH2E, keys_H2ME, slots_NHK)
-    # The full scores' values (bit for bit, as the reference computes them), the gradient of
-    # the rescored ones.
-    scores_NHK = scores_RK.reshape(shape) + (rescored_NHK - jax.lax.stop_gradient(rescored_NHK))
+      chosen = jax.shard_map(chosen, mesh=mesh, in_specs=(rows_spec, rows_spec, P(), rows_spec),
+                             out_specs=rows_spec)
+    scores_NHK = chosen(scores_RK.reshape(shape), query_NH2E, keys_H2ME, slots_NHK)
     weights_NHK = jax.nn.softmax(scores_NHK.astype(jnp.float32), axis=-1).astype(scores_NHK.dtype)
     return slots_NHK, weights_NHK
 

@@ -2,7 +2,7 @@
 with the lookup separated from the optimizer update over the table.
 
   python benchmarks/scaling.py [--json FILE] [--smoke] [--repeats 3] [--max-log2 22]
-                               [--bf16-from 24]
+                               [--bf16-from 24] [--bf16-moments]
 
 The model: dim 64, 2 blocks, Memory+ in block 1 (4 heads x knn 16, k_dim 128, V = 64), batch
 8 x 128 tokens, float32, the `train.py` step (AdamW over every parameter, the table included).
@@ -16,7 +16,8 @@ For each table size (n_keys = 2^6 .. 2^11) it times, each alone and jitted:
 - the whole train step, with the dense update (`step_s`) and with `train.table_update=sparse`
   (`step_sparse_s`: the touched rows and their moments alone);
 and reports the state's bytes (parameters, moments) and the compiled steps' temporaries. Tables
-from 2^`--bf16-from` slots on are kept in bfloat16, with bfloat16 moments (`bf16` in the JSON).
+from 2^`--bf16-from` slots on are kept in bfloat16 (`bf16` in the JSON), their moments in float32
+or, with `--bf16-moments`, in bfloat16 (`bf16_moments`).
 
 Two checks are printed per row: the dense step's whole-table work within twice its floor
 (`step_s <= step_sparse_s + 2 floor_s`), and the sparse step flat beyond its sqrt(N) selection
@@ -98,11 +99,13 @@ def copy_bandwidth(n_bytes: int, repeats: int) -> float:
 
 def dense_update_bytes(cfg: config_lib.Config) -> int:
   """Whole-table bytes a dense AdamW step moves: the table and both moments read and written;
-  with an (S, V) gradient, that gradient written and read as well."""
+  with an (S, V) gradient (when the step does not take rows, or takes them with 16-bit moments:
+  `memjax.optim`), that gradient written and read as well."""
   rows_cols = cfg.model.memory.n_slots * cfg.model.value_dim
   table = rows_cols * jnp.dtype(cfg.model.memory.value_dtype).itemsize
   moment = rows_cols * jnp.dtype(cfg.train.opt_state_dtype).itemsize
-  return (2 if step_lib.row_gradients(cfg) else 4) * table + 4 * moment
+  no_gradient = step_lib.row_gradients(cfg) and cfg.train.opt_state_dtype == "float32"
+  return (2 if no_gradient else 4) * table + 4 * moment
 
 
 def step_gradients(cfg: config_lib.Config, params) -> tuple[nnx.State, dict]:
@@ -166,6 +169,7 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
       "slots": cfg.model.memory.n_slots,
       "table_grad": "rows" if step_lib.row_gradients(cfg) else "dense",
       "bf16": cfg.model.memory.value_dtype == "bfloat16",
+      "bf16_moments": cfg.train.opt_state_dtype == "bfloat16",
       "step_s": step_s,
       "floor_s": floor_bytes / copy_Bps,
       "floor_bytes": floor_bytes,
@@ -204,7 +208,9 @@ def main() -> None:
   parser.add_argument("--min-log2", type=int, default=12, help="smallest table, log2 slots (even)")
   parser.add_argument("--max-log2", type=int, default=22, help="largest table, log2 slots (even)")
   parser.add_argument("--bf16-from", type=int, default=24,
-                      help="from this log2 slots on, a bfloat16 table and bfloat16 moments")
+                      help="from this log2 slots on, a bfloat16 table")
+  parser.add_argument("--bf16-moments", action="store_true",
+                      help="bfloat16 moments for the bfloat16 tables (default float32)")
   args = parser.parse_args()
   base = BASE + (SMOKE if args.smoke else [])
   if args.smoke:  # same maths, programs compiled ~2.5x faster: a smoke run is mostly compiles
@@ -213,7 +219,8 @@ def main() -> None:
   rows = []
   for log2 in range(lo, hi + 1, 2):
     n_keys = 2 ** (log2 // 2)
-    bf16 = ["model.memory.value_dtype=bfloat16", "train.opt_state_dtype=bfloat16"]
+    bf16 = ["model.memory.value_dtype=bfloat16"]
+    bf16 += ["train.opt_state_dtype=bfloat16"] if args.bf16_moments else []
     cfg = config_lib.load(
         "tiny", base + [f"model.memory.n_keys={n_keys}"] + (bf16 if log2 >= args.bf16_from else []))
     rows.append(measure(cfg, args.repeats))
@@ -224,8 +231,9 @@ def main() -> None:
   print(
       f"table scaling: dim {cfg.model.dim}, {cfg.model.n_layers} blocks, Memory+ in block 1 "
       f"(heads {cfg.model.memory.heads}, knn {cfg.model.memory.knn}, V {cfg.model.value_dim}), "
-      f"batch {cfg.train.batch_size} x {cfg.train.seq_len}, float32 (table and moments bfloat16 "
-      f"from 2^{args.bf16_from} slots), {os.cpu_count()} CPUs, jax {jax.__version__}; best of "
+      f"batch {cfg.train.batch_size} x {cfg.train.seq_len}, float32 (table"
+      f"{' and moments' if args.bf16_moments else ''} bfloat16 from 2^{args.bf16_from} slots), "
+      f"{os.cpu_count()} CPUs, jax {jax.__version__}; best of "
       f"{args.repeats}"
   )
   print("| slots | dense step (ms), table grad | sparse step (ms) | selection fwd / fwd+bwd (ms) | "
@@ -239,7 +247,8 @@ def main() -> None:
     dense_ok = r["step_s"] <= r["step_sparse_s"] + 2 * r["floor_s"]
     flat = lambda select: r["step_sparse_s"] <= r[select] + 2 * first["step_sparse_s"]
     print(
-        f"| 2^{int(np.log2(r['slots']))}{' bf16' if r['bf16'] else ''} | "
+        f"| 2^{int(np.log2(r['slots']))}{' bf16' if r['bf16'] else ''}"
+        f"{' + moments' if r.get('bf16_moments') else ''} | "
         f"{r['step_s'] * 1e3:.1f}, {r['table_grad']} | "
         f"{r['step_sparse_s'] * 1e3:.1f} | {r['select_s'] * 1e3:.1f} / "
         f"{r['select_fwd_bwd_s'] * 1e3:.1f} | {r['bag_fwd_bwd_s'] * 1e3:.1f} | "

@@ -57,8 +57,8 @@ def _table_paths(model: nnx.Module) -> dict[tuple, tuple]:
 def row_gradients(cfg: Config) -> bool:
   """Whether the step takes the value tables' gradient as the rows a micro-batch touches.
 
-  Always for the sparse update. For the dense one when the rows one memory layer reads in a
-  micro-batch are at most a quarter of the table: the compact rows cost a sort of the ids and a few passes over the rows, the (S, V)
+  Always for the sparse update. For the dense one when the rows that the layers sharing a table
+  read in a micro-batch are at most a quarter of it: the compact rows cost a sort of the ids and a few passes over the rows, the (S, V)
   gradient a zeroed table, a scatter into it and a read of it in the update.
   """
   if cfg.train.table_update == "sparse":
@@ -66,8 +66,9 @@ def row_gradients(cfg: Config) -> bool:
   if not cfg.model.memory.enabled:
     return False
   mem = cfg.model.memory
+  readers = len(mem.layers) if mem.share_values else 1
   ids = cfg.train.batch_size // cfg.train.grad_accum * cfg.train.seq_len * mem.heads * mem.knn
-  return 4 * row_capacity(ids, mem.n_slots) <= mem.n_slots
+  return 4 * row_capacity(readers * ids, mem.n_slots) <= mem.n_slots
 
 
 def _row_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:

@@ -3,9 +3,9 @@
   python benchmarks/embedding_bag.py [--slots 65536] [--dim 256] [--tokens 2048] [--bag 128]
       [--dtype float32] [--repeats 5] [--tpu-cost v5e:2x2] [--json FILE]
 
-For every impl that runs on this platform (`pallas_tpu` only on a TPU: interpret mode times nothing
-real) plus torch's `F.embedding_bag` on CPU, and with `--tpu-cost` the `pallas_tpu` impl compiled
-for a TPU chip through libtpu (its compiled bytes only): the median time of a forward and of a
+For every impl built for this platform that runs here, and the `xla` twin (another platform's
+kernels would time an interpreter), plus torch's `F.embedding_bag` on CPU, and with `--tpu-cost`
+the TPU impl (`pallas_tpu`) compiled for a TPU chip through libtpu (its compiled bytes only): the median time of a forward and of a
 forward plus backward (table and weight gradients), with uniform random ids. Beside them, the floor:
 the bytes a call cannot avoid moving (each lookup's row read once, the ids, weights and output; the
 backward also reads the output gradient and writes the dense table gradient), and the compiled
@@ -29,7 +29,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from memjax.ops import embedding_bag, resolve_impl  # noqa: E402
+from memjax.ops import auto_impl, embedding_bag, unavailable_reason  # noqa: E402
+from pallas_kernels import impls  # noqa: E402
 
 
 def floor_bytes(slots, dim, tokens, bag, itemsize, backward):
@@ -72,7 +73,7 @@ def jax_row(impl, values, idx, w, cot, repeats):
 
 
 def tpu_cost_row(topology, values, idx, w, cot):
-  """The `pallas_tpu` lookup compiled ahead of time for one chip of a TPU topology (libtpu, no
+  """The TPU impl's lookup compiled ahead of time for one chip of a TPU topology (libtpu, no
   TPU needed): XLA's bytes accessed, which count the kernels' own cost estimates."""
   import os
 
@@ -83,8 +84,9 @@ def tpu_cost_row(topology, values, idx, w, cot):
   device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-  forward = jax.jit(lambda v, i, w: embedding_bag(v, i, w, impl="pallas_tpu"))
-  loss = lambda v, i, w, c: jnp.sum(embedding_bag(v, i, w, impl="pallas_tpu") * c)
+  impl = auto_impl("tpu")
+  forward = jax.jit(lambda v, i, w: embedding_bag(v, i, w, impl=impl))
+  loss = lambda v, i, w, c: jnp.sum(embedding_bag(v, i, w, impl=impl) * c)
   backward = jax.jit(jax.grad(loss, argnums=(0, 2)))
   return {"forward_s": None, "backward_s": None,
           "forward_compiled_bytes": compiled_bytes(forward, [spec(a) for a in (values, idx, w)]),
@@ -126,18 +128,11 @@ def torch_row(values, idx, w, cot, repeats):
 
 
 def impls_here() -> list[str]:
-  names = ["xla"]
-  for impl in ("cpu", "pallas_tpu", "triton"):
-    if impl == "pallas_tpu" and jax.default_backend() != "tpu":
-      continue  # interpret mode: correct, but its time says nothing about the kernel
-    try:
-      resolve_impl(impl)
-    except ValueError:
-      continue
-    if impl == "cpu" and jax.default_backend() != "cpu":
-      continue
-    names.append(impl)
-  return names
+  """The impls to time on this backend: the `xla` twin, and those whose kernels are built for
+  this platform and run here (another platform's kernels would time an interpreter)."""
+  here = jax.default_backend()
+  return [impl.name for impl in impls.IMPLS
+          if impl.platform in (None, here) and unavailable_reason(impl.name) is None]
 
 
 def run(slots, dim, tokens, bag, dtype, repeats, with_torch=True, tpu_cost=None):
@@ -154,7 +149,7 @@ def run(slots, dim, tokens, bag, dtype, repeats, with_torch=True, tpu_cost=None)
     except ImportError:
       pass
   if tpu_cost:
-    rows[f"pallas_tpu ({tpu_cost} AOT)"] = tpu_cost_row(tpu_cost, values, idx, w, cot)
+    rows[f"{auto_impl('tpu')} ({tpu_cost} AOT)"] = tpu_cost_row(tpu_cost, values, idx, w, cot)
   return {
       "platform": jax.default_backend(),
       "device": jax.devices()[0].device_kind,
@@ -197,7 +192,7 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--tpu-cost", metavar="TOPOLOGY",
-                      help="also compile pallas_tpu for this libtpu topology (e.g. v5e:2x2) and "
+                      help="also compile the TPU impl for this libtpu topology (e.g. v5e:2x2) and "
                            "report its compiled bytes (needs libtpu, no TPU)")
   parser.add_argument("--json", type=pathlib.Path)
   args = parser.parse_args(argv)

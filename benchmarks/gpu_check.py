@@ -53,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from memjax.ops import embedding_bag, resolve_impl  # noqa: E402
-from memjax.ops.embedding_bag import _IMPLS  # noqa: E402
+from memjax.ops.dispatch import kernels  # noqa: E402
 
 # Weights and output gradients in the model's compute dtype, as the 373m config's bag gets them.
 PAPER = dict(slots=2**20, dim=1024, tokens=4096 * 8, bag=128, dtype="bfloat16", w_dtype="bfloat16")
@@ -354,9 +354,10 @@ def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, run_ke
   values, idx, w, dout = make_case(0, **shape)
   bytes_ = traffic(values, idx, w)
   rows = {}
+  passes = lambda impl: (kernels(impl).bag_forward, kernels(impl).bag_backward)
   if kernel_impl is not None:
-    rows[kernel_impl] = attempt(jax_pass_times, *_IMPLS[kernel_impl], values, idx, w, dout, reps)
-  rows["xla"] = attempt(jax_pass_times, *_IMPLS["xla"], values, idx, w, dout, max(3, reps // 3))
+    rows[kernel_impl] = attempt(jax_pass_times, *passes(kernel_impl), values, idx, w, dout, reps)
+  rows["xla"] = attempt(jax_pass_times, *passes("xla"), values, idx, w, dout, max(3, reps // 3))
   rows["torch_embedding_bag"] = attempt(torch_pass_times, values, idx, w, dout, reps)
   # Without a GPU the reference runs under Triton's interpreter, seconds a call: once, untimed.
   rows["reference_triton"] = attempt(reference_pass_times, reference, values, idx, w, dout,
@@ -399,13 +400,13 @@ def train_step_times(impls, layers: int, dry: bool, reps: int) -> dict:
 
 def _train_step_time(impl: str, overrides: list[str], reps: int) -> dict:
   """Median time of the jitted, donated train step (memjax.training.step.jit_train_step)."""
-  from memjax import config as config_lib
+  from memjax import config_loading
   from memjax import sharding
   from memjax.training import state as state_lib
   from memjax.training import step as step_lib
 
-  cfg = config_lib.load(ROOT / "configs" / "pkplus_373m_1024k.yaml",
-                        [*overrides, f"model.memory.impl={impl}"])
+  cfg = config_loading.load(ROOT / "configs" / "pkplus_373m_1024k.yaml",
+                            [*overrides, f"model.memory.impl={impl}"])
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   jitted, _ = step_lib.jit_train_step(cfg, mesh)
   state = state_lib.create_state(cfg, mesh)

@@ -8,43 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lookup_impls import IMPLS
 from memjax.ops import embedding_bag
 from memjax.ops.memory_parallel import sharded_embedding_bag
+from support.lookup import AXES, IMPLS, explicit_mesh, placed, random_case
 
 MESHES = [  # (data, fsdp, memory) over the 8 test devices
     (8, 1, 1), (1, 8, 1), (2, 1, 4), (1, 2, 4), (1, 1, 8),
 ]
-AXES = ("data", "fsdp", "memory")
-
-
-def case(seed=0, slots=300, dim=64, tokens=64, bag=24):
-  rng = np.random.default_rng(seed)
-  values = jnp.asarray(rng.standard_normal((slots, dim)), jnp.float32)
-  idx = jnp.asarray(rng.choice(rng.choice(slots, 40), (tokens, bag)), jnp.int32)  # duplicates
-  w = jnp.asarray(rng.random((tokens, bag)), jnp.float32)
-  cot = jnp.asarray(rng.standard_normal((tokens, dim)), jnp.float32)
-  return values, idx, w, cot
-
-
-def make_mesh(shape):
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 3)
-
-
-def placed(mesh, values, idx, w, cot):
-  P, put = jax.sharding.PartitionSpec, jax.device_put
-  tokens = jax.sharding.NamedSharding(mesh, P(AXES))
-  return (
-      put(values, jax.sharding.NamedSharding(mesh, P(None, "memory"))),
-      put(idx, tokens), put(w, tokens), put(cot, tokens),
-  )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_equals_the_unsharded_lookup_and_its_gradients(shape, impl):
-  values, idx, w, cot = case()
-  mesh = make_mesh(shape)
+  values, idx, w, cot = random_case(0, 300, 64, 64, 24, dup_pool=40)
+  mesh = explicit_mesh(shape)
   bag = lambda v, i, w: sharded_embedding_bag(
       v, i, w, mesh=mesh, token_axes=AXES, memory_axis="memory", impl=impl
   )
@@ -62,8 +39,8 @@ def test_equals_the_unsharded_lookup_and_its_gradients(shape, impl):
 
 
 def test_the_table_gradient_stays_on_its_devices():
-  values, idx, w, cot = case(dim=64, slots=512)
-  mesh = make_mesh((2, 1, 4))
+  values, idx, w, cot = random_case(0, 512, 64, 64, 24, dup_pool=40)
+  mesh = explicit_mesh((2, 1, 4))
   bag = lambda v, i, w: sharded_embedding_bag(
       v, i, w, mesh=mesh, token_axes=AXES, memory_axis="memory", impl="xla"
   )
@@ -79,8 +56,8 @@ def test_the_table_gradient_stays_on_its_devices():
 
 
 def test_refuses_a_value_dim_the_memory_axis_does_not_divide_and_foreign_token_axes():
-  values, idx, w, _ = case(dim=60)
-  mesh = make_mesh((1, 1, 8))
+  values, idx, w, _ = random_case(0, 300, 60, 64, 24, dup_pool=40)
+  mesh = explicit_mesh((1, 1, 8))
   with pytest.raises(ValueError, match="value dim 60 must be divisible by the 'memory' mesh axis"):
     sharded_embedding_bag(values, idx, w, mesh=mesh, token_axes=AXES, memory_axis="memory")
   with pytest.raises(ValueError, match="must include the memory axis"):

@@ -17,40 +17,18 @@ from memjax import aot
 from memjax.ops import embedding_bag
 from memjax.ops.memory_parallel import sharded_embedding_bag
 from pallas_kernels.tpu import embedding_bag as kernels
-from test_aot import needs_libtpu
-from test_memory_parallel import AXES, make_mesh, placed
+from support.lookup import AXES, assert_close, explicit_mesh, placed, random_case, term_scales
+from support.tpu import compile_for_chip, needs_libtpu
 
 
 def case(seed, slots, dim, tokens, bag, dup_pool=None, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  pool = np.arange(slots) if dup_pool is None else rng.choice(slots, size=dup_pool)
-  idx = rng.choice(pool, size=(tokens, bag)).astype(np.int32)
-  idx.flat[: min(2, idx.size)] = [0, slots - 1][: min(2, idx.size)]  # the first and last rows
-  values = jnp.asarray(rng.standard_normal((slots, dim)), dtype)
-  w = jnp.asarray(rng.standard_normal((tokens, bag)), jnp.float32)
-  cot = jnp.asarray(rng.standard_normal((tokens, dim)), jnp.float32)
-  return values, jnp.asarray(idx), w, cot
+  return random_case(seed, slots, dim, tokens, bag, dup_pool, dtype, signed=True, edge_rows=True)
 
 
 def lookup_and_grads(impl, values, idx, w, cot):
   loss = lambda v, w: jnp.sum(embedding_bag(v, idx, w, impl=impl) * cot)
   out = jax.jit(functools.partial(embedding_bag, impl=impl))(values, idx, w)
   return (out, *jax.jit(jax.grad(loss, argnums=(0, 1)))(values, w))
-
-
-def term_scales(values, idx, w, cot):
-  """The largest |term| of each result: sums of signed terms may cancel far below it."""
-  a = jnp.abs(values.astype(jnp.float32))
-  out = jnp.einsum("nk,nkv->nv", jnp.abs(w), a[idx]).max()
-  dvalues = jnp.zeros_like(a).at[idx.reshape(-1)].add(
-      (jnp.abs(w)[..., None] * jnp.abs(cot)[:, None, :]).reshape(-1, a.shape[1])).max()
-  dw = jnp.einsum("nv,nkv->nk", jnp.abs(cot), a[idx]).max()
-  return [float(out), float(dvalues), float(dw)]
-
-
-def assert_close(got, want, rel, scale):
-  err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max(initial=0.0)
-  assert err <= rel * scale + 1e-30, f"error {err:.3g} over {rel:.1g} x scale {scale:.3g}"
 
 
 @st.composite
@@ -123,7 +101,7 @@ def test_the_sharded_lookup_on_eight_devices():
   # checks the dispatch and the varying-axes types; `test_the_sharded_lookup_compiles_the_kernels`
   # checks that a TPU mesh gets the kernels.
   values, idx, w, cot = case(5, 300, 512, 64, 24, dup_pool=40)
-  mesh = make_mesh((2, 1, 4))  # each device's column slice: 300 x 128
+  mesh = explicit_mesh((2, 1, 4))  # each device's column slice: 300 x 128
   bag = lambda v, i, w: sharded_embedding_bag(
       v, i, w, mesh=mesh, token_axes=AXES, memory_axis="memory", impl="pallas_tpu"
   )
@@ -155,15 +133,6 @@ def test_tunables_are_checked():
 # split it (memory parallelism); a batch of 8192 tokens, each reading 128 rows (4 heads x 32).
 SLOTS, TOKENS, BAG = 2**20, 8192, 128
 CHIPS = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
-
-
-def compile_for_chip(fn, topology, *shapes_dtypes):
-  from jax.experimental import topologies
-
-  device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes_dtypes]
-  return jax.jit(fn).lower(*args).compile()
 
 
 def hbm_mib(compiled):
@@ -209,8 +178,7 @@ def test_the_sharded_lookup_compiles_the_kernels_for_a_tpu_mesh():
   from jax.experimental import topologies
 
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
-  mesh = jax.make_mesh((1, 1, 4), AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+  mesh = explicit_mesh((1, 1, 4), devices)
   bag = lambda v, i, w: sharded_embedding_bag(
       v, i, w, mesh=mesh, token_axes=AXES, memory_axis="memory", impl="pallas_tpu"
   )

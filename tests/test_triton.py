@@ -39,9 +39,11 @@ if not GPU_VISIBLE and "triton" not in sys.modules:
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
-from memjax.ops import embedding_bag, resolve_impl  # noqa: E402
-from memjax.ops.embedding_bag import bag_backward_xla, bag_forward_xla  # noqa: E402
+from memjax.ops import embedding_bag, resolve_impl, unavailable_reason  # noqa: E402
 from pallas_kernels import gpu  # noqa: E402
+from pallas_kernels.impls import Unavailable, bag_backward_xla, bag_forward_xla  # noqa: E402
+from support import lookup  # noqa: E402
+from support.lookup import assert_close, reference, term_scales  # noqa: E402
 
 if HAVE_TRITON:
   from triton.runtime.interpreter import InterpretedFunction
@@ -57,55 +59,13 @@ needs_interpreter = pytest.mark.skipif(
     reason="needs triton and torch, with Triton's interpreter on (no GPU visible, and triton not "
     "imported before this module)",
 )
-GPU_REASON = gpu.unavailable_reason()
+GPU_REASON = unavailable_reason("triton")
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"triton impl unavailable: {GPU_REASON}")
 
 
-def random_case(seed, slots, dim, tokens, bag, dup_pool=None, dtype=jnp.float32, out_of_range=False,
-                w_dtype=jnp.float32):
-  """Table, ids, weights and output gradient; weights and output gradient in `w_dtype`, as the
-  model's bag reads its softmax weights in the compute dtype."""
-  rng = np.random.default_rng(seed)
-  pool = np.arange(slots) if dup_pool is None else rng.choice(slots, size=dup_pool)
-  idx = rng.choice(pool, size=(tokens, bag)).astype(np.int32)
-  if out_of_range:
-    idx.flat[rng.choice(idx.size, size=max(1, idx.size // 8), replace=False)] = rng.choice(
-        [-3, -1, slots, slots + 7], size=max(1, idx.size // 8)
-    )
-  values = jnp.asarray(rng.standard_normal((slots, dim)), dtype)
-  weights = jnp.asarray(rng.standard_normal((tokens, bag)), w_dtype)
-  dout = jnp.asarray(rng.standard_normal((tokens, dim)), w_dtype)
-  return values, jnp.asarray(idx), weights, dout
-
-
-def reference(values_SV, idx_NK, w_NK, dout_NV):
-  """float64 forward, table gradient and weight gradient; out-of-range ids read the clamped row
-  and get no table gradient."""
-  v = np.asarray(values_SV, np.float64)
-  idx, w, dout = np.asarray(idx_NK), np.asarray(w_NK, np.float64), np.asarray(dout_NV, np.float64)
-  rows = np.clip(idx, 0, v.shape[0] - 1)
-  in_range = (idx >= 0) & (idx < v.shape[0])
-  out = np.einsum("nk,nkv->nv", w, v[rows])
-  dvalues = np.zeros_like(v)
-  np.add.at(dvalues, rows[in_range], (w[..., None] * dout[:, None, :])[in_range])
-  dw = np.einsum("nv,nkv->nk", dout, v[rows])
-  return out, dvalues, dw
-
-
-def assert_close(actual, expected, rel, scale):
-  """|actual - expected| <= rel * scale, with scale the magnitude of the summed terms (the result
-  itself can be far smaller where signed terms cancel), or one step of `actual`'s smallest
-  (subnormal) spacing."""
-  tiny = float(jnp.finfo(actual.dtype).smallest_subnormal)
-  actual = np.asarray(actual, np.float64)
-  assert not np.isnan(actual).any(), "unwritten (NaN-poisoned) or NaN entries"
-  np.testing.assert_array_less(np.abs(actual - expected), rel * scale + tiny)
-
-
-def term_scales(values_SV, idx_NK, w_NK, dout_NV):
-  """Per-entry magnitude of the terms behind each result, for the tolerances."""
-  abs_ = lambda x: np.abs(np.asarray(x, np.float64))
-  return reference(abs_(values_SV), idx_NK, abs_(w_NK), abs_(dout_NV))
+def random_case(seed, **shape):
+  """A lookup case with signed weights (see `support.lookup.random_case`)."""
+  return lookup.random_case(seed, **shape, signed=True)
 
 
 # --- Triton's interpreter, on torch CPU tensors -------------------------------------------------
@@ -358,9 +318,9 @@ def test_without_a_gpu_auto_stays_silent_and_triton_says_why():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert resolve_impl("auto") in ("cpu", "xla")
-  assert not gpu.available()
-  with pytest.raises(RuntimeError, match="no GPU visible to JAX"):
-    gpu.register()
+  assert unavailable_reason("triton") is not None
+  with pytest.raises(Unavailable, match="no GPU visible to JAX"):
+    gpu.load()
   values, idx, w, _ = random_case(0, slots=10, dim=4, tokens=2, bag=3)
   with pytest.raises(ValueError, match="impl 'triton' is not available: no GPU visible to JAX"):
     embedding_bag(values, idx, w, impl="triton")

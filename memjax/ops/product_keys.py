@@ -10,29 +10,12 @@ at least k pairs ahead of it and can never be selected: only about k*ln(k) pairs
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memjax.ops.embedding_bag import resolve_impl
-
-
-TopK = Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
-ProductTopK = Callable[[jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]]
-
-# impl name -> kernels for the selection of lookups that run with that embedding-bag impl.
-_TOP_K: dict[str, TopK] = {}
-_PRODUCT_TOPK: dict[str, ProductTopK] = {}
-
-
-def register_top_k(impl: str, top_k: TopK, product_topk: ProductTopK | None = None) -> None:
-  """Selection kernels for `impl`: `top_k` as `jax.lax.top_k`, and optionally a whole
-  float32 `product_topk` (same results as this module's) that replaces the three steps."""
-  _TOP_K[impl] = top_k
-  if product_topk is not None:
-    _PRODUCT_TOPK[impl] = product_topk
+from memjax.ops.dispatch import kernels
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,18 +35,17 @@ def product_topk(
     scores1_RN: (R, n) scores of the first sub-key set (R = tokens x heads).
     scores2_RN: (R, n) scores of the second sub-key set.
     knn: k, at most n.
-    impl: the lookup's embedding-bag impl ("auto" or a name); its registered selection
-      kernels are used, else `lax.top_k`.
+    impl: the lookup's impl ("auto" or a name); its top-k kernels where it has them, else
+      `lax.top_k`.
 
   Returns:
     (scores_RK, slots_RK): summed scores, sorted descending, and slot ids i1 * n + i2 in [0, n^2).
     Gradients flow to the selected entries of both score arrays.
   """
-  impl = resolve_impl(impl)  # also loads the impl's kernels on first use
-  fused = _PRODUCT_TOPK.get(impl)
-  if fused is not None and scores1_RN.dtype == scores2_RN.dtype == jnp.float32:
-    return fused(scores1_RN, scores2_RN, knn)
-  top_k = _TOP_K.get(impl, jax.lax.top_k)
+  lookup = kernels(impl)
+  if lookup.product_topk is not None and scores1_RN.dtype == scores2_RN.dtype == jnp.float32:
+    return lookup.product_topk(scores1_RN, scores2_RN, knn)
+  top_k = lookup.top_k or jax.lax.top_k
   n_keys = scores1_RN.shape[-1]
   a_RK, i1_RK = top_k(scores1_RN, knn)
   b_RK, i2_RK = top_k(scores2_RN, knn)

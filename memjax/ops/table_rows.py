@@ -8,27 +8,15 @@ layers that share a table, the micro-batches of a step).
 
 Padding entries hold the id S, one past the last row: a gather with mode="clip" reads a real row
 for them (which no lookup uses) and a scatter with mode="drop" skips them. `set_rows` writes
-updated rows back, through a lookup impl's kernel where it registers one.
+updated rows back, through a lookup impl's kernel where it has one.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.embedding_bag import resolve_impl
-
-SetRows = Callable[..., jax.Array]
-
-# impl name -> its in-place row write, for the tables of lookups that run with that impl.
-_SET_ROWS: dict[str, SetRows] = {}
-
-
-def register_set_rows(impl: str, set_rows_fn: SetRows) -> None:
-  """`set_rows_fn(table, rows, new, factor=None)` as `set_rows`'s XLA path, for distinct rows."""
-  _SET_ROWS[impl] = set_rows_fn
+from memjax.ops.dispatch import kernels
 
 
 def set_rows(
@@ -38,10 +26,10 @@ def set_rows(
   """`table_SV` scaled by `factor` (a float32 scalar; float32 tables), with the distinct rows
   `rows_R` then replaced by `new_RV` (ids >= S skipped).
 
-  `impl`'s registered kernel runs it on one device; on a mesh of several devices it is XLA's
+  `impl`'s kernel, where it has one, runs it on one device; on a mesh of several devices it is XLA's
   scatter, which the partitioner splits along the table's sharding.
   """
-  kernel = _SET_ROWS.get(resolve_impl(impl))
+  kernel = kernels(impl).set_rows
   mesh = jax.sharding.get_abstract_mesh()
   if kernel is not None and (mesh.empty or mesh.size == 1):
     return kernel(table_SV, rows_R, new_RV, factor)

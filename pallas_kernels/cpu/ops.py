@@ -1,4 +1,4 @@
-"""JAX entry points of the CPU kernels (XLA FFI custom calls) and their registration."""
+"""JAX entry points of the CPU kernels (XLA FFI custom calls)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memjax.ops.embedding_bag import bag_backward_xla, bag_forward_xla
 from pallas_kernels.cpu import build
+from pallas_kernels.impls import bag_backward_xla, bag_forward_xla
 
 # Float types the kernels take as float32 without changing an order or a sum; wider ones
 # (float64 under jax_enable_x64) go to the XLA path.
@@ -39,15 +39,6 @@ def load_error() -> build.BuildError | None:
   except build.BuildError as error:
     return error
   return None
-
-
-def unavailable_reason() -> str | None:
-  error = load_error()
-  return None if error is None else str(error)
-
-
-def available() -> bool:
-  return unavailable_reason() is None
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -1,4 +1,4 @@
-"""Triton kernels for the memory lookup on GPUs: the `triton` impl of `memjax.ops.embedding_bag`.
+"""Triton kernels for the memory lookup on GPUs: the `triton` impl (see `pallas_kernels.impls`).
 
 The forward is a program per token (and block of columns) that loads several rows of its bag at a
 time and sums them in float32. The backward sorts the lookups by table row with XLA ops, then a
@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 
 import jax
+
+from pallas_kernels.impls import Kernels, Unavailable
 
 
 @functools.cache
@@ -39,21 +41,15 @@ def unavailable_reason() -> str | None:
   return None
 
 
-def available() -> bool:
-  return unavailable_reason() is None
-
-
-def register() -> None:
-  """Registers the kernels as memjax's `triton` impl; RuntimeError (with the reason) if they
-  cannot run here, which makes "auto" use the xla impl."""
-  from memjax.ops import register_impl
-
+def load() -> Kernels:
+  """The kernels; `Unavailable` (with the reason) where they cannot run, and then "auto" takes
+  the xla twin. `ops` imports triton, so it is imported only here."""
   reason = unavailable_reason()
   if reason is not None:
-    raise RuntimeError(reason)
+    raise Unavailable(reason)
   from pallas_kernels.gpu.ops import bag_backward, bag_forward
 
-  register_impl("triton", bag_forward, bag_backward)
+  return Kernels(bag_forward=bag_forward, bag_backward=bag_backward)
 
 
-__all__ = ["available", "register", "unavailable_reason"]
+__all__ = ["load", "unavailable_reason"]

@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.embedding_bag import bag_backward_xla, bag_forward_xla
 from pallas_kernels.gpu import kernels
+from pallas_kernels.impls import bag_backward_xla, bag_forward_xla
 
 # Table dtypes the kernels read as they are; others (float64 under x64) take the xla path.
 _TABLE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

@@ -1,14 +1,15 @@
-"""Pallas TPU kernels for the memory lookup: the `pallas_tpu` impl of `memjax.ops.embedding_bag`.
+"""Pallas TPU kernels for the memory lookup: the `pallas_tpu` impl (see `pallas_kernels.impls`).
 
 `embedding_bag.py` holds the three kernels (forward gather-sum, weight-gradient gather-dot,
-row-sorted table gradient after an XLA sort) and their design note; `ops.py` fits them to the op's
-contract. On a TPU they compile through Mosaic; on any other platform they run in Pallas's interpret
-mode, slowly but with the same copies and sums, which is how the tests check them against the `xla`
-impl on CPU (inside shard_map off TPU, the XLA twin runs instead: see `ops.py`).
+row-sorted table gradient after an XLA sort) and their design note; `ops.py` fits them to the
+protocol. On a TPU they compile through Mosaic; on any other platform they run in Pallas's
+interpret mode, slowly but with the same copies and sums, which is how the tests check them
+against the `xla` twin on CPU (inside shard_map off TPU, the twin runs instead: see `ops.py`).
 """
 
 from __future__ import annotations
 
+from pallas_kernels.impls import Kernels
 from pallas_kernels.tpu.embedding_bag import (
     gather_bag,
     gather_dot,
@@ -23,15 +24,13 @@ __all__ = [
     "bag_forward",
     "gather_bag",
     "gather_dot",
-    "register",
+    "load",
     "sort_by_row",
     "sorted_row_grad",
     "table_grad",
 ]
 
 
-def register() -> None:
-  """Registers the kernels as memjax's `pallas_tpu` embedding-bag impl."""
-  from memjax.ops import register_impl
-
-  register_impl("pallas_tpu", bag_forward, bag_backward)
+def load() -> Kernels:
+  """The kernels: Mosaic where a program is lowered for TPU, interpret mode elsewhere."""
+  return Kernels(bag_forward=bag_forward, bag_backward=bag_backward)

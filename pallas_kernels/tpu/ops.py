@@ -1,5 +1,5 @@
-"""The `pallas_tpu` impl of `memjax.ops.embedding_bag`: the kernels of `embedding_bag.py` behind
-the op's forward/backward signatures, Mosaic on TPU and interpret mode on other platforms."""
+"""The `pallas_tpu` impl: the kernels of `embedding_bag.py` behind the protocol's bag
+forward/backward signatures, Mosaic on TPU and interpret mode on other platforms."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.embedding_bag import _varying_axes, bag_backward_xla, bag_forward_xla
+from pallas_kernels.impls import bag_backward_xla, bag_forward_xla, varying_axes
 from pallas_kernels.tpu import embedding_bag as kernels
 
 _NATIVE_TABLES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -23,7 +23,7 @@ def _interpreted(kernel, twin, *args, **kwargs):
   simulated devices under shard_map did not finish a toy lookup in 10 minutes here). So a sharded
   lookup off TPU computes the same sums with XLA ops; on TPU the kernels run everywhere.
   """
-  if _varying_axes(*args):
+  if varying_axes(*args):
     return twin(*args, **kwargs)
   return kernel(*args, interpret=True, **kwargs)
 

@@ -36,6 +36,7 @@ import jax  # noqa: E402
 
 from benchmarks.train_throughput import parameter_counts_of, train_step_flops  # noqa: E402
 from memjax import config as config_lib  # noqa: E402
+from memjax import config_loading  # noqa: E402
 from memjax.training import loop  # noqa: E402
 
 # One Memory+ layer config for the whole ladder (tiny.yaml's): blocks 1 and 3 share a 64^2 table.
@@ -78,7 +79,7 @@ def run_budget(run: dict, steps: int, smoke: bool) -> list[str]:
       f"train.seq_len={run['seq_len']}", f"data.people={run['people']}", "train.probes=0",
       f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.keep_checkpoints=1",
       f"train.log_every={max(steps // 4, 1)}", "train.tensorboard=false",
-      f"train.warmup={max(min(50, steps // 10), 1)}",
+      f"optim.warmup={max(min(50, steps // 10), 1)}",
   ]
   if smoke:
     budget.append("train.eval_batches=1")
@@ -89,7 +90,7 @@ def run_budget(run: dict, steps: int, smoke: bool) -> list[str]:
 def matched_overrides(family: str, base: list[str], target_params: int, smoke: bool) -> list[str]:
   """MoE: top-2 of E experts of hidden F/2 (the dense FFN's FLOPs), E fitted to the target
   parameter count; PEER: Memory+'s heads and knn, n_keys fitted to the target."""
-  cfg = config_lib.load("tiny", base)
+  cfg = config_loading.load("tiny", base)
   mem = cfg.model.memory
   if family == "moe":
     hidden = cfg.model.ffn_hidden_dim // 2
@@ -105,7 +106,7 @@ def matched_overrides(family: str, base: list[str], target_params: int, smoke: b
     candidates = candidates[:8]
   best = min(
       candidates,
-      key=lambda c: abs(parameter_counts_of(config_lib.load("tiny", base + c))["total"] - target_params),
+      key=lambda c: abs(parameter_counts_of(config_loading.load("tiny", base + c))["total"] - target_params),
   )
   return best
 
@@ -206,7 +207,7 @@ def main() -> None:
   )
   steps = args.steps or run["steps"]
   budget = run_budget(run, steps, args.smoke)
-  mem_cfg = config_lib.load("tiny", base + budget + MEMORY)
+  mem_cfg = config_loading.load("tiny", base + budget + MEMORY)
   target = parameter_counts_of(mem_cfg)["total"]
   rows = []
   tokens = steps * run["batch_size"] * run["seq_len"]
@@ -230,7 +231,7 @@ def main() -> None:
       extra = ["model.memory.layers=[]"] + extra
     if family in ("moe", "peer"):
       extra += matched_overrides(family, base + budget + extra, target, args.smoke)
-    cfg = config_lib.load("tiny", base + budget + extra)
+    cfg = config_loading.load("tiny", base + budget + extra)
     counts = parameter_counts_of(cfg)
     flops = train_step_flops(cfg) / (run["batch_size"] * run["seq_len"])
     print(f"{name}: {counts['total'] / 1e6:.3f}M params ({counts['active'] / 1e6:.3f}M active), "

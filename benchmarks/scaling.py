@@ -13,7 +13,7 @@ For each table size (n_keys = 2^6 .. 2^11) it times, each alone and jitted:
   (O(N) memory traffic, though only H*K rows per token are nonzero);
 - optimizer: AdamW's update of all the parameters from given gradients, in place as the step
   runs it (O(N): every table row's moments and weight are rewritten each step, read or not);
-- the whole train step, with the dense update (`step_s`) and with `train.table_update=sparse`
+- the whole train step, with the dense update (`step_s`) and with `optim.table_update=sparse`
   (`step_sparse_s`: the touched rows and their moments alone);
 and reports the state's bytes (parameters, moments) and the compiled steps' temporaries. Tables
 from 2^`--bf16-from` slots on are kept in bfloat16 (`bf16` in the JSON), their moments in float32
@@ -56,6 +56,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.train_throughput import Timed, one_device_mesh  # noqa: E402
 from memjax import config as config_lib  # noqa: E402
+from memjax import config_loading  # noqa: E402
 from memjax import optim  # noqa: E402
 from memjax.layers.memory import MemoryValues  # noqa: E402
 from memjax.ops import embedding_bag  # noqa: E402
@@ -103,8 +104,8 @@ def dense_update_bytes(cfg: config_lib.Config) -> int:
   `memjax.optim`), that gradient written and read as well."""
   rows_cols = cfg.model.memory.n_slots * cfg.model.value_dim
   table = rows_cols * jnp.dtype(cfg.model.memory.value_dtype).itemsize
-  moment = rows_cols * jnp.dtype(cfg.train.opt_state_dtype).itemsize
-  no_gradient = step_lib.row_gradients(cfg) and cfg.train.opt_state_dtype == "float32"
+  moment = rows_cols * jnp.dtype(cfg.optim.state_dtype).itemsize
+  no_gradient = step_lib.row_gradients(cfg) and cfg.optim.state_dtype == "float32"
   return (2 if no_gradient else 4) * table + 4 * moment
 
 
@@ -130,7 +131,7 @@ def temp_bytes(compiled) -> int | None:
 
 def sparse_step(cfg: config_lib.Config, repeats: int) -> tuple[float, int | None]:
   """(seconds, temporaries) of the train step with the row-wise table update."""
-  sparse = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, table_update="sparse"))
+  sparse = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, table_update="sparse"))
   timed = Timed(sparse, one_device_mesh())
   return min(timed.run(1) for _ in range(repeats + 1)), temp_bytes(timed.compiled)
 
@@ -169,7 +170,7 @@ def measure(cfg: config_lib.Config, repeats: int) -> dict:
       "slots": cfg.model.memory.n_slots,
       "table_grad": "rows" if step_lib.row_gradients(cfg) else "dense",
       "bf16": cfg.model.memory.value_dtype == "bfloat16",
-      "bf16_moments": cfg.train.opt_state_dtype == "bfloat16",
+      "bf16_moments": cfg.optim.state_dtype == "bfloat16",
       "step_s": step_s,
       "floor_s": floor_bytes / copy_Bps,
       "floor_bytes": floor_bytes,
@@ -220,13 +221,13 @@ def main() -> None:
   for log2 in range(lo, hi + 1, 2):
     n_keys = 2 ** (log2 // 2)
     bf16 = ["model.memory.value_dtype=bfloat16"]
-    bf16 += ["train.opt_state_dtype=bfloat16"] if args.bf16_moments else []
-    cfg = config_lib.load(
+    bf16 += ["optim.state_dtype=bfloat16"] if args.bf16_moments else []
+    cfg = config_loading.load(
         "tiny", base + [f"model.memory.n_keys={n_keys}"] + (bf16 if log2 >= args.bf16_from else []))
     rows.append(measure(cfg, args.repeats))
     print(f"2^{log2} slots done", file=sys.stderr, flush=True)
 
-  cfg = config_lib.load("tiny", base)
+  cfg = config_loading.load("tiny", base)
   first = rows[0]
   print(
       f"table scaling: dim {cfg.model.dim}, {cfg.model.n_layers} blocks, Memory+ in block 1 "

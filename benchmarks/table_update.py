@@ -1,5 +1,5 @@
 """Dense against sparse table updates: the knowledge benchmark's Memory+ model trained with
-`train.table_update=dense` (the reference's AdamW over every row) and `sparse` (the rows a step
+`optim.table_update=dense` (the reference's AdamW over every row) and `sparse` (the rows a step
 reads), at the same settings, with a sweep of the table's learning rate for `sparse`.
 
   python benchmarks/table_update.py [--json FILE] [--smoke] [--steps N] [--n-keys 64 256]
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from benchmarks.knowledge import (  # noqa: E402
     DEFAULT_RUN, MEMORY, SMOKE_BASE, SMOKE_RUN, run_budget, run_model,
 )
-from memjax import config as config_lib  # noqa: E402
+from memjax import config_loading  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
   smoke_model = SMOKE_BASE + ["model.memory.knn=4"] if args.smoke else []
   base = MEMORY + smoke_model + run_budget(run, run["steps"], args.smoke)
   n_keys = [16] if args.smoke else args.n_keys
-  default_lr = config_lib.load("tiny", base).model.memory.value_lr
+  default_lr = config_loading.load("tiny", base).optim.value_lr
   value_lrs = [default_lr] if args.smoke else args.value_lrs
 
   rows = []
@@ -62,9 +62,9 @@ def main() -> None:
     runs += [("sparse", lr) for lr in sorted(value_lrs)] * ("sparse" in args.updates)
     for update, lr in runs:
       for seed in args.seeds:
-        cfg = config_lib.load("tiny", base + [
-            f"model.memory.n_keys={n}", f"model.memory.value_lr={lr}",
-            f"train.table_update={update}", f"seed={seed}"])
+        cfg = config_loading.load("tiny", base + [
+            f"model.memory.n_keys={n}", f"optim.value_lr={lr}",
+            f"optim.table_update={update}", f"seed={seed}"])
         result = run_model(cfg, log=None)
         rows.append({"slots": n * n, "update": update, "value_lr": lr, "seed": seed, **result})
         print(f"{n}^2 slots, {update}, table lr {lr:g}, seed {seed}: eval loss "

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from memjax import config as config_lib  # noqa: E402
+from memjax import config_loading  # noqa: E402
 from memjax import sharding  # noqa: E402
 from memjax.model import Transformer, parameter_counts  # noqa: E402
 from memjax.training import state as state_lib  # noqa: E402
@@ -114,7 +115,7 @@ def main() -> None:
 
   timed, results = {}, {}
   for name in args.models:
-    cfg = config_lib.load("tiny", base + MODELS[name])
+    cfg = config_loading.load("tiny", base + MODELS[name])
     timed[name] = Timed(cfg, mesh)
     timed[name].run(1)  # warm up
     counts = parameter_counts_of(cfg)
@@ -134,7 +135,7 @@ def main() -> None:
     r["tokens_per_s"] = tokens / r["step_s"]
     r["vs_dense"] = r["step_s"] / base_step
 
-  cfg = config_lib.load("tiny", base)
+  cfg = config_loading.load("tiny", base)
   print(
       f"train step, dim {cfg.model.dim}, {cfg.model.n_layers} blocks (sparse layers in {SPARSE}), "
       f"batch {shape['batch_size']} x {shape['seq_len']}, float32, {os.cpu_count()} CPUs, "

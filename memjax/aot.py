@@ -6,7 +6,7 @@ Needs libtpu (`pip install -e '.[tpu]'`); no TPU. The compile is the real one (X
 compiler, through jax's ahead-of-time path), so it enforces what only hardware would otherwise
 tell: per-device HBM of parameters, optimizer state and temporaries, against the chip's. Also
 prints the compiled FLOPs and bytes accessed per step. The lookup compiles with the impl a TPU
-run would pick (`auto`: the Pallas kernels, `pallas_tpu`) unless the config names another.
+run would pick (`auto`: the table's TPU impl, the Pallas kernels) unless the config names another.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 from memjax import config as config_lib  # noqa: E402
-from memjax import sharding  # noqa: E402
+from memjax import config_loading  # noqa: E402
+from memjax import ops, sharding  # noqa: E402
 from memjax.training import state as state_lib, step as step_lib  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
 
   libtpu_name, generation, chips = parse_topology(topology)
   if cfg.model.memory.impl == "auto":  # what `auto` picks on the TPU, not on this machine
-    memory_cfg = dataclasses.replace(cfg.model.memory, impl="pallas_tpu")
+    memory_cfg = dataclasses.replace(cfg.model.memory, impl=ops.auto_impl("tpu"))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=memory_cfg))
   topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name)
   devices = topo.devices
@@ -113,7 +114,7 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
       "device_kind": devices[0].device_kind,
       "mesh": dict(mesh.shape),
       "impl": cfg.model.memory.impl,
-      "table_update": cfg.train.table_update,
+      "table_update": cfg.optim.table_update,
       "table_grad": "rows" if step_lib.row_gradients(cfg) else "dense",
       "compile_s": seconds,
       "params_bytes": state_lib.tree_bytes_per_device(abstract.params),
@@ -147,12 +148,12 @@ def main(argv: list[str]) -> int:
   if "-h" in argv or "--help" in argv:
     print(__doc__)
     return 0
-  path, options, overrides = config_lib.split_command_line(argv, ("topology",))
+  path, options, overrides = config_loading.split_command_line(argv, ("topology",))
   topology = options.get("topology")
   try:
     if topology is None:
       raise config_lib.ConfigError("topology", "give topology=<Cloud TPU name>, e.g. v5p-8")
-    cfg = config_lib.load(path, overrides)
+    cfg = config_loading.load(path, overrides)
     print(report(compile_for(cfg, topology)))
   except (config_lib.ConfigError, FileNotFoundError) as error:
     print(f"error: {error}", file=sys.stderr)

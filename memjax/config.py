@@ -1,25 +1,24 @@
-"""Typed configuration: the schema, its validation, and loading from YAML plus `key=value` overrides.
+"""Typed configuration: the schema, its validation, and the converter from plain mappings.
 
-Dataclass defaults are the defaults; a YAML file states only what differs. A reference (Meta Lingua)
-YAML file is recognised by its `model.productkey_args` / training sections and mapped by
-`memjax.interop.lingua` before validation.
+Dataclass defaults are the defaults; a YAML file states only what differs. Reading YAML files and
+command lines, and mapping the reference's (Meta Lingua) files, is `memjax.config_loading`'s job:
+this module imports neither YAML nor the interop code, so every module can depend on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import re
 import types
 import typing
 from typing import Any, Literal
 
-import yaml
-from omegaconf import OmegaConf
+from pallas_kernels import impls
 
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 InitStdFactor = Literal["disabled", "current_depth", "global_depth", "dim_ratio"]
-BagImpl = Literal["auto", "xla", "cpu", "pallas_tpu", "triton"]
+# "auto" or an entry of the one table of lookup impls.
+BagImpl = Literal["auto", *impls.NAMES]
 MoEImpl = Literal["auto", "ragged", "blocked"]
 Scheduler = Literal["linear", "cosine"]
 TableUpdate = Literal["dense", "sparse"]
@@ -57,6 +56,14 @@ def _check_product_keys(n_keys: int, heads: int, knn: int, k_dim: int) -> None:
   )
 
 
+def _check_layers(layers: tuple[int, ...]) -> None:
+  _check(
+      len(set(layers)) == len(layers) and all(i >= 0 for i in layers),
+      "layers",
+      f"must be distinct block indices >= 0, got {list(layers)}",
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
   """The product-key memory layers (spec 1.1). N slots = n_keys**2; V = v_dim; K = knn."""
@@ -76,8 +83,7 @@ class MemoryConfig:
   query_dropout: float = 0.0
   value_dropout: float = 0.0
   value_dtype: DType = "float32"  # the reference keeps the table in bfloat16
-  value_lr: float = 1e-3  # base learning rate of the table (the reference's value_fixed_lr)
-  impl: BagImpl = "auto"  # embedding-bag implementation, see memjax.ops.embedding_bag
+  impl: BagImpl = "auto"  # lookup impl (pallas_kernels.impls); auto: the platform's
 
   def __post_init__(self):
     _check_product_keys(self.n_keys, self.heads, self.knn, self.k_dim)
@@ -86,15 +92,10 @@ class MemoryConfig:
         "v_dim",
         f"must be a positive int or -1 (the model dim), got {self.v_dim}",
     )
-    _check(self.value_lr >= 0, "value_lr", f"must be >= 0, got {self.value_lr}")
     for name in ("input_dropout", "query_dropout", "value_dropout"):
       p = getattr(self, name)
       _check(0.0 <= p < 1.0, name, f"must be in [0, 1), got {p}")
-    _check(
-        len(set(self.layers)) == len(self.layers) and all(i >= 0 for i in self.layers),
-        "layers",
-        f"must be distinct block indices >= 0, got {list(self.layers)}",
-    )
+    _check_layers(self.layers)
 
   @property
   def enabled(self) -> bool:
@@ -103,14 +104,6 @@ class MemoryConfig:
   @property
   def n_slots(self) -> int:
     return self.n_keys**2
-
-
-def _check_layers(layers: tuple[int, ...]) -> None:
-  _check(
-      len(set(layers)) == len(layers) and all(i >= 0 for i in layers),
-      "layers",
-      f"must be distinct block indices >= 0, got {list(layers)}",
-  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +146,7 @@ class PEERConfig:
   knn: int = 16  # experts per head (and top-k per half)
   k_dim: int = 128  # full key dim, split into two halves
   query_bias: bool = True
+  impl: BagImpl = "auto"  # lookup implementation of the selection and the down projection
 
   def __post_init__(self):
     _check_layers(self.layers)
@@ -333,22 +327,12 @@ class DistributedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The training run of `train.py`: AdamW as the reference trains memory models (spec 1.7)."""
+  """The training run of `train.py`: its length, batches, logging, evaluation and checkpoints."""
 
   steps: int = 200
   batch_size: int = 16  # sequences per optimizer step, over all devices and micro-batches
   seq_len: int = 128
   grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
-  lr: float = 3e-3  # base learning rate; the value table uses model.memory.value_lr
-  scheduler: Scheduler = "linear"  # after warmup: linear (the reference's) or cosine decay
-  warmup: int = 30
-  lr_min_ratio: float = 0.01  # the decay ends at lr * lr_min_ratio
-  weight_decay: float = 0.1
-  clip: float = 1.0  # global-norm clip, applied to the value table and to the rest separately
-  opt_state_dtype: DType = "float32"  # Adam moments; bfloat16 halves their memory
-  # dense: AdamW moves and decays every table row each step (the reference); sparse: only the
-  # rows the step read, from their gradients alone (no (S, V) gradient; docs/sparse_update.md)
-  table_update: TableUpdate = "dense"
   nan_patience: int = 5  # non-finite steps in a row (each skipped) before the run stops
   log_every: int = 20
   eval_every: int = 100  # eval loss, fact recall and memory diagnostics; also at the end
@@ -373,8 +357,29 @@ class TrainConfig:
         f"must divide batch_size={self.batch_size}, got {self.grad_accum}",
     )
     _check(self.probes >= 0, "probes", f"must be >= 0, got {self.probes}")
-    _check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW as the reference trains memory models (spec 1.7), `memjax.optim`: the value table is
+  its own group, with its own base learning rate and clip, under the one schedule."""
+
+  lr: float = 3e-3  # base learning rate of every parameter but the value table
+  value_lr: float = 1e-3  # base learning rate of the value table (the reference's value_fixed_lr)
+  scheduler: Scheduler = "linear"  # after warmup: linear (the reference's) or cosine decay
+  warmup: int = 30  # steps of linear warmup from 0
+  lr_min_ratio: float = 0.01  # the decay ends at each base rate times lr_min_ratio
+  weight_decay: float = 0.1  # on every parameter, the table included, as in the reference
+  clip: float = 1.0  # global-norm clip, applied to the value table and to the rest separately
+  state_dtype: DType = "float32"  # Adam moments; bfloat16 halves their memory
+  # dense: AdamW moves and decays every table row each step (the reference); sparse: only the
+  # rows the step read, from their gradients alone (no (S, V) gradient; docs/sparse_update.md)
+  table_update: TableUpdate = "dense"
+
+  def __post_init__(self):
     _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+    _check(self.value_lr >= 0, "value_lr", f"must be >= 0, got {self.value_lr}")
+    _check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
     _check(0 <= self.lr_min_ratio <= 1, "lr_min_ratio", f"must be in [0, 1], got {self.lr_min_ratio}")
     _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
     _check(self.clip > 0, "clip", f"must be > 0, got {self.clip}")
@@ -388,6 +393,7 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   seed: int = 0  # parameter initialisation, dropout and data order
 
@@ -404,8 +410,8 @@ class Config:
         f"must divide train.batch_size={self.train.batch_size}, got {self.data.shards}",
     )
     _check(
-        self.train.table_update == "dense" or self.model.memory.enabled,
-        "train.table_update",
+        self.optim.table_update == "dense" or self.model.memory.enabled,
+        "optim.table_update",
         "'sparse' updates a memory layer's value table; this model has no memory layers "
         "(model.memory.layers is empty)",
     )
@@ -513,93 +519,3 @@ def to_dict(config: Any) -> dict[str, Any]:
     return v
 
   return plain(dataclasses.asdict(config))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading.
-
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = "tiny"
-
-
-def split_command_line(
-    argv: list[str], options: tuple[str, ...] = ()
-) -> tuple[str, dict[str, str], list[str]]:
-  """`config=NAME_OR_PATH` (default: DEFAULT_CONFIG), the `OPTION=VALUE` arguments for each
-  of `options`, and the remaining `key=value` overrides, from a command line."""
-  path, found, overrides = DEFAULT_CONFIG, {}, []
-  for arg in argv:
-    key, _, value = arg.partition("=")
-    if key == "config":
-      path = value
-    elif key in options:
-      found[key] = value
-    else:
-      overrides.append(arg)
-  return path, found, overrides
-
-
-def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
-  """A path, or the name of a file in `configs/` (with or without `.yaml`)."""
-  p = pathlib.Path(name_or_path)
-  candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
-  for c in candidates:
-    if c.is_file():
-      return c
-  known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-  raise FileNotFoundError(
-      f"config {str(name_or_path)!r} not found: give a YAML path or one of {', '.join(known)}"
-  )
-
-
-class _PlaceholderTagLoader(yaml.SafeLoader):
-  """Reads a scalar with a tag YAML does not know as the tag's text (e.g. "!!CHANGETHIS!!")."""
-
-
-def _placeholder(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> str:
-  if not isinstance(node, yaml.ScalarNode):
-    raise ConfigError(f"{node.tag}", f"unknown YAML tag on a collection at {node.start_mark}")
-  return node.value or f"!!{suffix}"
-
-
-_PlaceholderTagLoader.add_multi_constructor("tag:yaml.org,2002:", _placeholder)
-# YAML 1.2 floats such as 1e-4, as OmegaConf reads them (plain YAML 1.1 would keep a string).
-_PlaceholderTagLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
-        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"
-    ),
-    list("-+0123456789."),
-)
-_PlaceholderTagLoader.add_multi_constructor("!", _placeholder)
-
-
-def _load_yaml(path: pathlib.Path):
-  try:
-    return OmegaConf.load(path)
-  except yaml.constructor.ConstructorError:
-    # Lingua's templates mark values to edit with an unknown tag (`path: !!CHANGETHIS!!`): read
-    # the placeholder as a string, so the model the file describes still loads.
-    with open(path, encoding="utf-8") as f:
-      return OmegaConf.create(yaml.load(f, Loader=_PlaceholderTagLoader) or {})
-
-
-def load_dict(path: str | pathlib.Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-  """Parses a YAML file and merges dotted `key=value` overrides into it (no validation yet)."""
-  base = _load_yaml(resolve_path(path)) if path is not None else OmegaConf.create({})
-  for item in overrides:
-    if "=" not in item:
-      raise ConfigError(item, "overrides are written key=value, e.g. model.dim=256")
-  merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-  return OmegaConf.to_container(merged, resolve=True)
-
-
-def load(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-  """The validated config of a YAML file (memjax's own or a reference Lingua file) plus overrides."""
-  from memjax.interop import lingua  # the reference's format maps onto ours
-
-  data = load_dict(path, overrides)
-  if lingua.is_lingua(data):
-    data = lingua.to_memjax(data)
-  return from_dict(Config, data)

@@ -1,6 +1,6 @@
 """AdamW as the reference trains memory models (spec 1.7), fused into one pass per parameter.
 
-The value table is its own group: its own base learning rate (`memory.value_lr`) under the same
+The value table is its own group: its own base learning rate (`optim.value_lr`) under the same
 warmup/decay multiplier, and its own global-norm clip; every other parameter shares one clip.
 Weight decay applies to every parameter, the table included, as in the reference.
 
@@ -16,7 +16,7 @@ update is rounded once where optax rounded each stage.
 A table's gradient may come as the rows a step touched (`RowGrads`) rather than an (S, V) array.
 With the dense update, every row still takes its AdamW step: untouched rows with a zero gradient
 (a pass over the table and its moments that reads no gradient), then the touched rows are
-overwritten with their full update. With `train.table_update: sparse` (the sparse Adam that XLM
+overwritten with their full update. With `optim.table_update: sparse` (the sparse Adam that XLM
 used for product-key memories), only the touched rows and their moments are updated: untouched
 rows get no momentum step and no weight decay.
 """
@@ -48,7 +48,7 @@ def lr_multiplier(
   elif scheduler == "cosine":
     decay = optax.cosine_decay_schedule(1.0, decay_steps, alpha=min_ratio)
   else:
-    raise ValueError(f"train.scheduler: must be 'linear' or 'cosine', got {scheduler!r}")
+    raise ValueError(f"optim.scheduler: must be 'linear' or 'cosine', got {scheduler!r}")
   return optax.join_schedules(
       [optax.linear_schedule(0.0, 1.0, max(warmup, 1)), decay], boundaries=[warmup]
   )
@@ -81,7 +81,7 @@ def group_norms(grads, row_grads: Mapping[tuple, RowGrads] | None = None) -> dic
 
 class AdamWState(NamedTuple):
   count: jax.Array  # int32: updates applied (a skipped, non-finite step is not one)
-  mu: nnx.State  # first moments, in the parameters' structure, in `train.opt_state_dtype`
+  mu: nnx.State  # first moments, in the parameters' structure, in `optim.state_dtype`
   nu: nnx.State  # second moments, likewise
 
 
@@ -89,13 +89,14 @@ class AdamW:
   """`init(params)` and `apply(grads, state, params, norms, finite) -> (params, state)`."""
 
   def __init__(self, cfg: Config):
-    train = cfg.train
-    self.multiplier = lr_multiplier(train.steps, train.warmup, train.lr_min_ratio, train.scheduler)
-    self.base_lr = {"dense": train.lr, "values": cfg.model.memory.value_lr}
-    self.clip = train.clip
-    self.weight_decay = train.weight_decay
-    self.state_dtype = init.DTYPES[train.opt_state_dtype]
-    self.rows_only = train.table_update == "sparse"
+    optim = cfg.optim
+    self.multiplier = lr_multiplier(
+        cfg.train.steps, optim.warmup, optim.lr_min_ratio, optim.scheduler)
+    self.base_lr = {"dense": optim.lr, "values": optim.value_lr}
+    self.clip = optim.clip
+    self.weight_decay = optim.weight_decay
+    self.state_dtype = init.DTYPES[optim.state_dtype]
+    self.rows_only = optim.table_update == "sparse"
     self.impl = cfg.model.memory.impl  # whose kernel writes a table's rows back
 
   def init(self, params) -> AdamWState:

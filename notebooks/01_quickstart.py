@@ -80,16 +80,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from memjax import config
+from memjax import config_loading
 from memjax.model import Transformer, parameter_counts
 
 overrides = []
 if SMOKE:
   overrides = [
-      "train.steps=30", "train.warmup=5", "train.log_every=10", "train.eval_every=15",
+      "train.steps=30", "optim.warmup=5", "train.log_every=10", "train.eval_every=15",
       "train.checkpoint_every=30", "train.eval_batches=2", "train.probes=64", "data.people=30",
   ]
-cfg = config.load("tiny", overrides)
+cfg = config_loading.load("tiny", overrides)
 mem = cfg.model.memory
 print(f"{cfg.model.n_layers} blocks of dim {cfg.model.dim}; memory in blocks {list(mem.layers)}")
 shared = "one table shared by all" if mem.share_values else "one table each"

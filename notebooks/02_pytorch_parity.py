@@ -25,7 +25,7 @@
 #    what the reference's training dumps; with a reference checkpoint at hand, start at step 2
 #    with its folder),
 # 2. loads that checkpoint into an independent PyTorch implementation of the reference maths
-#    (`tests/torch_oracle.py`, the oracle memjax's tests compare against) and back into memjax,
+#    (`memjax/interop/torch_reference.py`, the tests' oracle) and back into memjax,
 # 3. compares the two models' logits on the same text,
 # 4. carries a reference (Lingua) YAML config over to memjax.
 #
@@ -34,7 +34,7 @@
 # %% [markdown]
 # ## Setup
 #
-# On Colab this clones memjax from GitHub (the PyTorch oracle lives in its `tests/` folder) and
+# On Colab this clones memjax from GitHub (the PyTorch oracle comes with it) and
 # installs it. Anywhere else it uses the checkout this notebook lies in, as it is.
 
 # %%
@@ -57,9 +57,9 @@ else:
   ROOT = next((p for p in [here, *here.parents] if (p / "memjax" / "__init__.py").is_file()), None)
   if ROOT is None:
     raise FileNotFoundError(f"{here} is not in a memjax checkout: start Jupyter in one")
-# An editable install is only seen by a fresh interpreter; the paths make memjax and the
-# oracle importable now.
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+# An editable install is only seen by a fresh interpreter; the path makes memjax (and its
+# PyTorch oracle) importable now.
+sys.path[:0] = [str(ROOT)]
 print(f"memjax from {ROOT}")
 
 # %% [markdown]
@@ -78,10 +78,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from memjax import config
+from memjax import config, config_loading
 from memjax.model import Transformer
 
-cfg = config.load("tiny")
+cfg = config_loading.load("tiny")
 model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
 rng = np.random.default_rng(0)
 for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -128,7 +128,7 @@ print(json.dumps(params["model"]["productkey_args"], indent=1))
 # what loads by default; the override keeps our float32 table exactly.
 
 # %%
-from torch_oracle import OracleTransformer
+from memjax.interop.torch_reference import OracleTransformer
 
 oracle = OracleTransformer(cfg.model)
 first, *others = [f"layers.{i}.feed_forward.values.weight" for i in cfg.model.memory.layers]
@@ -214,7 +214,7 @@ plt.show()
 # ## A reference config
 #
 # A Lingua YAML file (here the reference's `pkplus_373m_1024k.yaml`, kept in `tests/data/lingua`)
-# loads as it is: `config.load` recognises it and maps the model, its `productkey_args`, the
+# loads as it is: `config_loading.load` recognises it and maps the model, its `productkey_args`, the
 # optimizer and schedule, the batch, the tokenizer and checkpointing onto memjax's config. Keys
 # that would change the network and that memjax lacks are refused by name; sections memjax has
 # no use for (data sources, the eval harness) are left out. Lingua's `data.batch_size` is per
@@ -235,7 +235,7 @@ print(yaml.safe_dump({k: lingua_dict[k] for k in ("model", "optim", "data")}, so
 from memjax.model import parameter_counts
 
 # Overrides of a Lingua file use its own keys: 8 sequences per GPU on 8 GPUs is 64 in all.
-big = config.load(lingua_yaml, ["data.batch_size=64"])
+big = config_loading.load(lingua_yaml, ["data.batch_size=64"])
 
 
 def differences(ours: dict, defaults: dict) -> dict:
@@ -254,7 +254,7 @@ memjax_yaml = yaml.safe_dump(differences(config.to_dict(big), defaults), sort_ke
 print(memjax_yaml)
 # The same config, written in memjax's own format, loads back to the same thing.
 (export_dir.parent / "pkplus_373m.yaml").write_text(memjax_yaml)
-assert config.load(export_dir.parent / "pkplus_373m.yaml") == big
+assert config_loading.load(export_dir.parent / "pkplus_373m.yaml") == big
 counts = parameter_counts(nnx.eval_shape(lambda: Transformer(big.model, rngs=nnx.Rngs(0))))
 print(f"{counts['total'] / 1e9:.2f}B parameters, {counts['active'] / 1e6:.0f}M used per token")
 

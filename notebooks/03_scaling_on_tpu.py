@@ -109,7 +109,7 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
-from memjax import config, sharding
+from memjax import config, config_loading, sharding
 from memjax.layers.memory import MemoryValues
 from memjax.training import state as state_lib
 
@@ -121,7 +121,7 @@ layouts = {
         data=-1, fsdp=2, memory=4, table_rows_over_fsdp=True
     ),
 }
-tiny = config.load("tiny")
+tiny = config_loading.load("tiny")
 for name, mesh_cfg in layouts.items():
   cfg = dataclasses.replace(tiny, mesh=mesh_cfg)
   mesh = sharding.make_mesh(cfg.mesh, DEVICES)
@@ -168,14 +168,14 @@ if ON_TPU:
   n = jax.device_count()
   # The xla lookup compiles on every TPU generation (and is the one checked against 16 GiB);
   # train.py's default, auto, takes the Pallas kernels.
-  run_cfg = config.load("pkplus_373m_1024k", [
+  run_cfg = config_loading.load("pkplus_373m_1024k", [
       "model.memory.n_keys=512", "model.memory.impl=xla", f"mesh.memory={n}", "mesh.data=1",
-      "train.seq_len=1024", f"train.batch_size={4 * n}", "train.opt_state_dtype=bfloat16",
+      "train.seq_len=1024", f"train.batch_size={4 * n}", "optim.state_dtype=bfloat16",
       "train.steps=100",
   ])
   steps = 20
 else:
-  run_cfg = config.load("tiny", ["mesh.memory=4", "mesh.data=-1"])
+  run_cfg = config_loading.load("tiny", ["mesh.memory=4", "mesh.data=-1"])
   steps = 4 if SMOKE else 20
 mesh = sharding.make_mesh(run_cfg.mesh, jax.devices() if ON_TPU else DEVICES)
 with jax.set_mesh(mesh):
@@ -225,7 +225,7 @@ else:
   targets = [("pkplus_373m_1024k", "v5p-8", 4), ("pkplus_373m_1024k", "v5e-8", 8)]
 results = []
 for name, topology, memory in targets:
-  aot_cfg = config.load(name, ["model.memory.impl=xla", f"mesh.memory={memory}", "mesh.data=-1"])
+  aot_cfg = config_loading.load(name, ["model.memory.impl=xla", f"mesh.memory={memory}", "mesh.data=-1"])
   figures = aot.compile_for(aot_cfg, topology)
   batch = f"batch {aot_cfg.train.batch_size} x {aot_cfg.train.seq_len} tokens"
   print(f"{name}, {batch}, on {aot.report(figures)}\n")

@@ -1,16 +1,11 @@
 """memjax.aot: Cloud TPU names, and a real compile of the train step for a TPU topology (with
 libtpu installed: the `tpu` extra)."""
 
-import importlib.util
-
 import pytest
 
-from memjax import aot, config
+from memjax import aot, config, config_loading
 from memjax.training import state as state_lib
-
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the tpu extra)"
-)
+from support.tpu import needs_libtpu
 
 
 @pytest.mark.parametrize("name,libtpu_name,chips", [
@@ -31,7 +26,7 @@ def test_bad_names_fail_clearly(name):
 
 @needs_libtpu
 def test_compiles_the_tiny_train_step_for_a_v5e_slice(capsys):
-  cfg = config.load("tiny", ["model.memory.impl=xla", "mesh.memory=4", "mesh.data=-1"])
+  cfg = config_loading.load("tiny", ["model.memory.impl=xla", "mesh.memory=4", "mesh.data=-1"])
   figures = aot.compile_for(cfg, "v5e-4")
   assert figures["devices"] == 4 and "v5" in figures["device_kind"].lower()
   assert figures["mesh"] == {"data": 1, "fsdp": 1, "memory": 4}
@@ -59,7 +54,7 @@ def test_the_373m_memory_model_fits_a_v5p_8_slice():
   """The paper's 373M Memory+ model (a 1024^2 x 1024 bfloat16 table) on one small slice, the
   table's columns split over its 4 chips, with the lookup a TPU run uses (the Pallas kernels).
   One slice only: each compile takes minutes here (docs/results.md has v5e-8 and more)."""
-  cfg = config.load("pkplus_373m_1024k", ["mesh.memory=4"])
+  cfg = config_loading.load("pkplus_373m_1024k", ["mesh.memory=4"])
   figures = aot.compile_for(cfg, "v5p-8")
   print(aot.report(figures))
   assert figures["impl"] == "pallas_tpu"

@@ -1,12 +1,15 @@
 """Configs: every file in configs/ loads, overrides, validation errors that name the field, and
-reference (Lingua) YAML files loading unchanged through the mapping in memjax.interop.lingua."""
+reference (Lingua) YAML files loading unchanged through the mapping in memjax.interop.lingua
+(the schema in memjax.config, the loading in memjax.config_loading)."""
 
 import dataclasses
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-from memjax import config
+from memjax import config, config_loading
 from memjax.config import Config, ConfigError, MemoryConfig
 from memjax.interop import lingua
 
@@ -26,9 +29,9 @@ def lingua_path(name: str) -> pathlib.Path:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_loads(path):
-  cfg = config.load(path)
+  cfg = config_loading.load(path)
   assert isinstance(cfg, Config)
-  assert config.load(path.stem) == cfg  # by name, from configs/
+  assert config_loading.load(path.stem) == cfg  # by name, from configs/
 
 
 def test_the_expected_configs_exist():
@@ -42,16 +45,35 @@ def test_the_expected_configs_exist():
 
 
 def test_tiny_is_a_small_memory_plus_model():
-  m = config.load("tiny").model
+  cfg = config_loading.load("tiny")
+  m = cfg.model
   assert (m.dim, m.n_layers, m.vocab_size) == (128, 4, 258)
   assert m.memory.enabled and m.memory.swilu and m.memory.layers == (1, 3)
   assert m.memory.n_slots == 64**2
+  assert (cfg.optim.value_lr, cfg.optim.warmup) == (0.01, 50)
+
+
+def test_the_schema_imports_neither_yaml_nor_the_interop_code():
+  code = (
+      "import sys, memjax.config; "
+      "print(sorted(m for m in sys.modules if m.startswith(('memjax.interop', 'yaml', 'omegaconf'))))"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+def test_the_optimizer_settings_live_in_optim():
+  cfg = config_loading.load("tiny", ["optim.lr=1e-3", "optim.state_dtype=bfloat16",
+                                     "optim.table_update=sparse", "optim.scheduler=cosine"])
+  assert (cfg.optim.lr, cfg.optim.state_dtype) == (1e-3, "bfloat16")
+  assert (cfg.optim.table_update, cfg.optim.scheduler) == ("sparse", "cosine")
+  assert config.OptimConfig() == config.Config().optim
 
 
 @pytest.mark.parametrize("size", ["134m", "373m", "720m", "1p3b"])
 def test_ladder_pairs_differ_only_in_memory(size):
-  dense = config.load(f"ladder_{size}_dense").model
-  memory = config.load(f"ladder_{size}_memory").model
+  dense = config_loading.load(f"ladder_{size}_dense").model
+  memory = config_loading.load(f"ladder_{size}_memory").model
   assert not dense.memory.enabled and memory.memory.enabled
   assert memory.memory.n_keys == 1024 and memory.memory.swilu and memory.memory.share_values
   assert memory.memory.value_dtype == "bfloat16"
@@ -59,7 +81,7 @@ def test_ladder_pairs_differ_only_in_memory(size):
 
 
 def test_overrides():
-  cfg = config.load("tiny", ["model.dim=256", "model.memory.knn=8", "model.memory.layers=[0,2]",
+  cfg = config_loading.load("tiny", ["model.dim=256", "model.memory.knn=8", "model.memory.layers=[0,2]",
                              "seed=5", "model.dtype=bfloat16"])
   assert cfg.model.dim == 256 and cfg.model.memory.knn == 8 and cfg.model.memory.layers == (0, 2)
   assert cfg.seed == 5 and cfg.model.dtype == "bfloat16"
@@ -68,12 +90,12 @@ def test_overrides():
 
 def test_override_without_equals_sign():
   with pytest.raises(ConfigError, match="key=value"):
-    config.load("tiny", ["model.dim"])
+    config_loading.load("tiny", ["model.dim"])
 
 
 def test_missing_file_names_the_known_configs():
   with pytest.raises(FileNotFoundError, match="tiny"):
-    config.load("no_such_config")
+    config_loading.load("no_such_config")
 
 
 BAD = {
@@ -94,13 +116,23 @@ BAD = {
     ),
     "bad_impl": (["model.memory.impl=cuda"], "model.memory.impl", "'triton'"),
     "heads_not_dividing_dim": (["model.n_heads=3"], "model.n_heads", "divide dim=128"),
+    "negative_value_lr": (["optim.value_lr=-1"], "optim.value_lr", "must be >= 0"),
+    "zero_lr": (["optim.lr=0"], "optim.lr", "must be > 0"),
+    "min_ratio_above_one": (["optim.lr_min_ratio=2"], "optim.lr_min_ratio", "[0, 1]"),
+    "zero_clip": (["optim.clip=0"], "optim.clip", "must be > 0"),
+    "bad_scheduler": (["optim.scheduler=wsd"], "optim.scheduler", "'linear', 'cosine'"),
+    "bad_state_dtype": (["optim.state_dtype=fp8"], "optim.state_dtype", "'bfloat16'"),
+    "sparse_without_memory": (["optim.table_update=sparse", "model.memory.layers=[]"],
+                              "optim.table_update", "no memory layers"),
+    "old_train_lr": (["train.lr=1e-3"], "train.lr", "unknown key"),
+    "old_memory_value_lr": (["model.memory.value_lr=0.01"], "model.memory.value_lr", "unknown key"),
 }
 
 
 @pytest.mark.parametrize("overrides,field,words", BAD.values(), ids=BAD.keys())
 def test_bad_config_names_the_field(overrides, field, words):
   with pytest.raises(ConfigError) as err:
-    config.load("tiny", overrides)
+    config_loading.load("tiny", overrides)
   assert err.value.field == field
   assert words in str(err.value)
 
@@ -118,7 +150,7 @@ def test_bad_file_names_the_field(tmp_path, text, field, words):
   path = tmp_path / "c.yaml"
   path.write_text(text)
   with pytest.raises(ConfigError) as err:
-    config.load(path)
+    config_loading.load(path)
   assert err.value.field == field and words in str(err.value)
 
 
@@ -130,33 +162,34 @@ LINGUA_FILES = ["pkplus_373m_1024k", "dense_373m", "pk_7b", "llama_1B", "llama_7
 
 @pytest.mark.parametrize("name", LINGUA_FILES)
 def test_lingua_files_load_unchanged(name):
-  assert lingua.is_lingua(config.load_dict(lingua_path(name)))
-  cfg = config.load(lingua_path(name))
+  assert lingua.is_lingua(config_loading.load_dict(lingua_path(name)))
+  cfg = config_loading.load(lingua_path(name))
   assert cfg.seed == 42  # model.seed, Lingua's default; the top-level 777 seeds the data
   assert cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32"
 
 
 def test_lingua_pkplus_373m_maps():
-  m = config.load(lingua_path("pkplus_373m_1024k")).model
+  cfg = config_loading.load(lingua_path("pkplus_373m_1024k"))
+  m = cfg.model
   assert (m.dim, m.n_layers, m.n_heads, m.vocab_size) == (1024, 24, 16, 32000)
   assert (m.rope_theta, m.max_seqlen, m.ffn_hidden_dim) == (500000.0, 4096, 2816)
   mem = m.memory
   assert mem.layers == (4, 12, 20) and mem.share_values and mem.swilu and not mem.gated
   assert (mem.n_keys, mem.heads, mem.knn, mem.k_dim, mem.v_dim) == (1024, 4, 32, 512, -1)
-  assert mem.value_lr == 1e-3 and mem.value_dtype == "bfloat16"
+  assert cfg.optim.value_lr == 1e-3 and mem.value_dtype == "bfloat16"
   assert mem.query_bias and not mem.qk_norm
 
 
 def test_lingua_dense_373m_has_no_memory():
   # The file also holds `path: !!CHANGETHIS!!`, a tag YAML does not know: read as a placeholder.
-  tokenizer = config.load_dict(lingua_path("dense_373m"))["data"]["tokenizer"]
+  tokenizer = config_loading.load_dict(lingua_path("dense_373m"))["data"]["tokenizer"]
   assert tokenizer["path"] == "!!CHANGETHIS!!"
-  m = config.load(lingua_path("dense_373m")).model
+  m = config_loading.load(lingua_path("dense_373m")).model
   assert not m.memory.enabled and (m.dim, m.n_layers) == (1024, 24)
 
 
 def test_lingua_pk_7b_maps():
-  m = config.load(lingua_path("pk_7b")).model
+  m = config_loading.load(lingua_path("pk_7b")).model
   assert (m.dim, m.n_layers, m.n_heads, m.rope_theta) == (4096, 32, 32, 100000.0)
   assert m.ffn_hidden_dim == 11008 and m.memory.layers == (4, 12, 20)
 
@@ -166,17 +199,17 @@ def test_lingua_pk_7b_maps():
     [("llama_1B", 128256, 4096), ("llama_7B", 128256, 4096), ("debug", 258, 2048)],
 )
 def test_lingua_dense_files_take_the_tokenizer_vocabulary(name, vocab, seqlen):
-  m = config.load(lingua_path(name)).model
+  m = config_loading.load(lingua_path(name)).model
   assert (m.vocab_size, m.max_seqlen, m.memory.enabled) == (vocab, seqlen, False)
 
 
 @pytest.mark.parametrize("name", ["pkplus_373m_1024k", "dense_373m", "pk_7b"])
 def test_our_reference_configs_match_the_lingua_files(name):
-  assert config.load(name).model == config.load(lingua_path(name)).model
+  assert config_loading.load(name).model == config_loading.load(lingua_path(name)).model
 
 
 def test_lingua_overrides_use_lingua_names():
-  cfg = config.load(
+  cfg = config_loading.load(
       lingua_path("pkplus_373m_1024k"),
       ["model.productkey_args.mem_knn=16", "model.vocab_size=1000", "distributed.model_dtype=fp32"],
   )
@@ -185,7 +218,7 @@ def test_lingua_overrides_use_lingua_names():
 
 
 def test_lingua_head_dim_without_n_heads():
-  cfg = config.load(lingua_path("debug"), ["model.n_heads=null", "model.head_dim=128"])
+  cfg = config_loading.load(lingua_path("debug"), ["model.n_heads=null", "model.head_dim=128"])
   assert (cfg.model.n_heads, cfg.model.resolved_head_dim) == (8, 128)
 
 
@@ -199,8 +232,10 @@ BAD_LINGUA = {
     "sliding_window": (["model.sliding_window=512"], "model.sliding_window", "must be null"),
     "peer": (["model.productkey_args.peer_variant=true"], "model.productkey_args.peer_variant",
              "PEER"),
-    "value_lr_null": (["model.productkey_args.value_fixed_lr=null"],
-                      "model.productkey_args.value_fixed_lr", "not supported"),
+    "negative_value_lr": (["model.productkey_args.value_fixed_lr=-1"],
+                          "model.productkey_args.value_fixed_lr", "must be >= 0"),
+    "cosine_cycles": (["optim.scheduler=cosine", "optim.cycle_length=0.5"], "optim.cycle_length",
+                      "one half-cycle"),
     "knn_above_n_keys": (["model.productkey_args.mem_knn=2000"], "model.productkey_args.mem_knn",
                          "n_keys=1024"),
     "odd_k_dim": (["model.productkey_args.mem_k_dim=511"], "model.productkey_args.mem_k_dim",
@@ -221,13 +256,13 @@ BAD_LINGUA = {
 @pytest.mark.parametrize("overrides,field,words", BAD_LINGUA.values(), ids=BAD_LINGUA.keys())
 def test_bad_lingua_config_names_the_lingua_key(overrides, field, words):
   with pytest.raises(ConfigError) as err:
-    config.load(lingua_path("pkplus_373m_1024k"), overrides)
+    config_loading.load(lingua_path("pkplus_373m_1024k"), overrides)
   assert err.value.field == field
   assert words in str(err.value)
 
 
 def test_is_lingua():
-  assert not lingua.is_lingua(config.load_dict("tiny"))
+  assert not lingua.is_lingua(config_loading.load_dict("tiny"))
   assert not lingua.is_lingua({"model": {"dim": 8, "memory": {}}, "steps": 3})
   assert lingua.is_lingua({"model": {"dim": 8}, "steps": 3})
   assert lingua.is_lingua({"model": {"productkey_args": {}}})
@@ -236,9 +271,9 @@ def test_is_lingua():
 
 @pytest.mark.parametrize("name", ["pkplus_373m_1024k", "dense_373m", "pk_7b", "tiny"])
 def test_from_memjax_maps_back(name):
-  cfg = config.load(name, ["model.memory.value_dtype=bfloat16"])
+  cfg = config_loading.load(name, ["model.memory.value_dtype=bfloat16"])
   back = config.from_dict(Config, lingua.to_memjax(lingua.from_memjax(cfg)))
-  assert back.seed == cfg.seed
+  assert back.seed == cfg.seed and back.optim == cfg.optim
   if cfg.model.memory.enabled:
     assert back.model == cfg.model
   else:  # a dense model's memory fields are not written
@@ -246,28 +281,47 @@ def test_from_memjax_maps_back(name):
 
 
 def test_from_memjax_refuses_what_the_reference_cannot_express():
-  cfg = config.load("tiny", ["model.memory.qk_norm=true"])
+  cfg = config_loading.load("tiny", ["model.memory.qk_norm=true"])
   with pytest.raises(ConfigError) as err:
     lingua.from_memjax(cfg)
   assert err.value.field == "model.memory.qk_norm"
 
 
 def test_lingua_training_keys_map():
-  cfg = config.load(lingua_path("pkplus_373m_1024k"))
-  raw = config.load_dict(lingua_path("pkplus_373m_1024k"))
+  cfg = config_loading.load(lingua_path("pkplus_373m_1024k"))
+  raw = config_loading.load_dict(lingua_path("pkplus_373m_1024k"))
   assert cfg.train.steps == raw["steps"]
-  assert cfg.train.lr == raw["optim"]["lr"]
-  assert cfg.train.warmup == raw["optim"]["warmup"]
-  assert cfg.train.lr_min_ratio == raw["optim"]["lr_min_ratio"]
-  assert cfg.train.clip == raw["optim"]["clip"]
-  assert cfg.train.scheduler == raw["optim"]["scheduler"]
+  assert cfg.optim.lr == raw["optim"]["lr"]
+  assert cfg.optim.warmup == raw["optim"]["warmup"]
+  assert cfg.optim.lr_min_ratio == raw["optim"]["lr_min_ratio"]
+  assert cfg.optim.clip == raw["optim"]["clip"]
+  assert cfg.optim.scheduler == raw["optim"]["scheduler"]
+  assert cfg.optim.value_lr == raw["model"]["productkey_args"]["value_fixed_lr"]
   assert cfg.train.batch_size == raw["data"]["batch_size"]
   assert cfg.train.checkpoint_every == raw["checkpoint"]["dump"]["every"]
   assert cfg.train.keep_checkpoints == raw["checkpoint"]["dump"]["keep"]
   assert cfg.data.seed == raw["seed"] and cfg.data.tokenizer == "sentencepiece"
-  debug = config.load(lingua_path("debug"), ["steps=7", "optim.lr=0.5", "grad_acc_steps=4"])
-  assert (debug.train.steps, debug.train.lr, debug.train.grad_accum) == (7, 0.5, 4)
+  debug = config_loading.load(lingua_path("debug"), ["steps=7", "optim.lr=0.5", "grad_acc_steps=4"])
+  assert (debug.train.steps, debug.optim.lr, debug.train.grad_accum) == (7, 0.5, 4)
   assert debug.train.batch_size == 32 * 4  # Lingua's per-micro-step batch, times accumulation
+
+
+def test_lingua_optimizer_keys_left_out_take_lingua_defaults():
+  # debug.yaml gives lr, warmup, lr_min_ratio and clip; OptimArgs' defaults give the rest.
+  optim = config_loading.load(lingua_path("debug")).optim
+  assert (optim.lr, optim.warmup, optim.lr_min_ratio, optim.clip) == (3e-4, 2000, 1e-6, 10.0)
+  assert (optim.scheduler, optim.weight_decay) == ("cosine", 0.1)
+  bare = config.from_dict(Config, lingua.to_memjax({"model": {"dim": 64, "n_heads": 4}, "steps": 9}))
+  assert (bare.optim.lr, bare.optim.warmup, bare.optim.lr_min_ratio) == (3e-4, 2000, 0.1)
+  assert bare.optim.value_lr == 1e-3  # ProductKeyArgs' value_fixed_lr
+
+
+def test_lingua_null_value_lr_trains_the_table_at_the_base_rate():
+  cfg = config_loading.load(
+      lingua_path("pkplus_373m_1024k"),
+      ["model.productkey_args.value_fixed_lr=null", "optim.lr=2e-4"],
+  )
+  assert cfg.optim.value_lr == cfg.optim.lr == 2e-4
 
 
 @pytest.mark.parametrize("override,field,allowed", [
@@ -278,15 +332,15 @@ def test_lingua_training_keys_map():
 ])
 def test_lingua_training_keys_refused_by_name(override, field, allowed):
   with pytest.raises(config.ConfigError, match=allowed) as error:
-    config.load(lingua_path("debug"), [override])
+    config_loading.load(lingua_path("debug"), [override])
   assert error.value.field == field
 
 
 def test_a_command_line_splits_into_config_options_and_overrides():
-  path, options, overrides = config.split_command_line(
-      ["model.dim=64", "config=configs/pk_7b.yaml", "topology=v5p-8", "train.lr=1e-3"], ("topology",)
+  path, options, overrides = config_loading.split_command_line(
+      ["model.dim=64", "config=configs/pk_7b.yaml", "topology=v5p-8", "optim.lr=1e-3"], ("topology",)
   )
   assert (path, options, overrides) == (
-      "configs/pk_7b.yaml", {"topology": "v5p-8"}, ["model.dim=64", "train.lr=1e-3"]
+      "configs/pk_7b.yaml", {"topology": "v5p-8"}, ["model.dim=64", "optim.lr=1e-3"]
   )
-  assert config.split_command_line([])[0] == config.DEFAULT_CONFIG
+  assert config_loading.split_command_line([])[0] == config_loading.DEFAULT_CONFIG

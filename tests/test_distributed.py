@@ -5,7 +5,7 @@ The joining itself runs in tests/test_multihost.py, in processes of their own.
 
 import pytest
 
-from memjax import config, distributed
+from memjax import config, config_loading, distributed
 from memjax.training import inputs
 
 
@@ -58,7 +58,7 @@ def test_a_coordinator_without_the_process_count_is_refused(no_cluster):
 )
 def test_bad_settings_name_their_field(override, field):
   with pytest.raises(config.ConfigError) as error:
-    config.load("tiny", ["distributed.num_processes=2", "distributed.process_id=1", override])
+    config_loading.load("tiny", ["distributed.num_processes=2", "distributed.process_id=1", override])
   assert error.value.field == field
 
 
@@ -67,13 +67,13 @@ def test_bad_settings_name_their_field(override, field):
     [(0, 1, 0, (1, [0])), (0, 4, 2, (4, [2])), (8, 2, 1, (8, [4, 5, 6, 7])), (4, 4, 3, (4, [3]))],
 )
 def test_each_process_reads_a_contiguous_block_of_shards(shards, processes, index, want):
-  cfg = config.load("tiny", [f"data.shards={shards}"])
+  cfg = config_loading.load("tiny", [f"data.shards={shards}"])
   count, ids = inputs.data_shards(cfg, index, processes)
   assert (count, list(ids)) == want
 
 
 def test_shards_that_the_processes_cannot_share_evenly_are_refused():
   with pytest.raises(config.ConfigError, match="multiple of the 4 processes"):
-    inputs.data_shards(config.load("tiny", ["data.shards=2"]), 0, 4)
+    inputs.data_shards(config_loading.load("tiny", ["data.shards=2"]), 0, 4)
   with pytest.raises(config.ConfigError, match="multiple of the 32 data shards"):
-    inputs.data_shards(config.load("tiny", ["train.batch_size=16"]), 0, 32)
+    inputs.data_shards(config_loading.load("tiny", ["train.batch_size=16"]), 0, 32)

@@ -2,6 +2,7 @@
 aliases, errors naming the key, one memory layer from torch, and parity with the torch oracle's
 reference-format state dicts (memjax.interop.torch_checkpoint)."""
 
+import dataclasses
 import json
 
 import jax
@@ -10,13 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax.config import Config, ConfigError, MemoryConfig, ModelConfig
+from memjax.config import Config, ConfigError, MemoryConfig, ModelConfig, from_dict
 from memjax.interop import lingua
 from memjax.interop import torch_checkpoint as tc
 from memjax.model import Transformer
 
 torch = pytest.importorskip("torch")
-from torch_oracle import OracleMemory, OracleTransformer  # noqa: E402
+from memjax.interop.torch_reference import OracleMemory, OracleTransformer  # noqa: E402
 
 VOCAB = 97
 TABLE = "layers.1.feed_forward.values.weight"  # the shared table's owner: the first memory layer
@@ -128,6 +129,7 @@ def test_export_then_load_is_identical(tmp_path, memory):
   cfg2, model2 = tc.load_consolidated(tmp_path / "ckpt")
   if cfg.model.memory.enabled:  # (a dense model's memory fields are not written)
     assert (cfg2.model, cfg2.seed) == (cfg.model, cfg.seed)
+  assert cfg2.optim == cfg.optim  # params.json carries the optimizer's rates
   assert_same_params(model, model2)
   np.testing.assert_array_equal(forward(model, tokens()), forward(model2, tokens()))
 
@@ -232,7 +234,30 @@ def test_unsupported_params_json_names_the_key(exported, tmp_path):
   with pytest.raises(ConfigError) as err:
     tc.load_consolidated(tmp_path)
   assert err.value.field == "model.productkey_args.peer_variant"
-  assert tc.PARAMS_NAME in str(err.value)
+  assert tc.PARAMS_NAME in str(err.value) and "model.peer" in str(err.value)
+
+
+def test_the_reference_peer_variant_is_refused_with_what_differs():
+  params = lingua.from_memjax(make_config())
+  params["model"]["productkey_args"]["peer_variant"] = True
+  with pytest.raises(ConfigError) as err:
+    lingua.to_memjax(params)
+  assert err.value.field == "model.productkey_args.peer_variant"
+  # Its tables are shared (mem_share_values) and trained as value parameters; memjax's PEER
+  # baseline keeps one pair per layer in the dense group, so it is named, not mapped onto.
+  for words in ("values_u/values_v", "mem_share_values", "value_fixed_lr", "model.peer"):
+    assert words in str(err.value)
+
+
+def test_params_json_carries_the_optimizer():
+  cfg = make_config()
+  cfg = dataclasses.replace(cfg, optim=dataclasses.replace(
+      cfg.optim, lr=2e-4, value_lr=5e-3, scheduler="cosine", warmup=7, lr_min_ratio=0.2,
+      weight_decay=0.05, clip=0.5))
+  params = lingua.from_memjax(cfg)
+  assert params["optim"]["lr"] == 2e-4 and params["model"]["productkey_args"]["value_fixed_lr"] == 5e-3
+  back = from_dict(Config, lingua.to_memjax(params))
+  assert back.optim == cfg.optim
 
 
 def test_missing_files_raise(tmp_path):
@@ -269,7 +294,7 @@ def layer_kwargs(cfg: ModelConfig, **extra) -> dict:
   return dict(
       input_dim=cfg.dim, output_dim=cfg.dim, mem_n_keys=mem.n_keys, mem_heads=mem.heads,
       mem_knn=mem.knn, mem_k_dim=mem.k_dim, mem_v_dim=mem.v_dim, swilu_projection=mem.swilu,
-      mem_gated=mem.gated, value_fixed_lr=mem.value_lr,
+      mem_gated=mem.gated,
   ) | extra
 
 

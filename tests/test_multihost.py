@@ -27,7 +27,7 @@ SMOKE = [
     "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.memory.layers=[1]",
     "model.memory.n_keys=16", "model.memory.knn=4", "model.memory.heads=2",
     "model.memory.k_dim=32", "model.max_seqlen=64", "data.people=24", "data.shards=2",
-    "train.batch_size=16", "train.seq_len=32", "train.steps=7", "train.warmup=2",
+    "train.batch_size=16", "train.seq_len=32", "train.steps=7", "optim.warmup=2",
     "train.log_every=1", "train.eval_every=5", "train.eval_batches=1", "train.probes=8",
     "train.checkpoint_every=5", "train.tensorboard=false", "mesh.data=1", "mesh.memory=8",
 ]

@@ -8,14 +8,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from memjax import config, optim
+from memjax import config_loading, optim
 from memjax.layers.memory import MemoryValues
 from memjax.model import Transformer
 
 
-def setup(**train):
-  cfg = config.load("tiny", ["model.n_layers=2", "model.memory.layers=[1]", "model.dim=32"])
-  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+def setup(**optimizer):
+  cfg = config_loading.load("tiny", ["model.n_layers=2", "model.memory.layers=[1]", "model.dim=32"])
+  cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **optimizer))
   params = nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(0)), nnx.Param)
   return cfg, params
 
@@ -46,7 +46,7 @@ def test_value_table_uses_its_own_learning_rate():
   values, dense = split_by_group(updates)
   assert len(values) == 1
   # Adam's first step moves every coordinate by lr (sign of the gradient).
-  np.testing.assert_allclose(values[0], -cfg.model.memory.value_lr, rtol=1e-4)
+  np.testing.assert_allclose(values[0], -cfg.optim.value_lr, rtol=1e-4)
   for u in dense:
     np.testing.assert_allclose(u, -1e-4, rtol=1e-3)
 
@@ -71,14 +71,14 @@ def test_clipping_is_separate_for_the_table():
 
 def optax_reference(cfg):
   """The optimizer as optax's chain per group, then `apply_updates`: the unfused maths."""
-  multiplier = optim.lr_multiplier(cfg.train.steps, cfg.train.warmup, cfg.train.lr_min_ratio,
-                                   cfg.train.scheduler)
+  multiplier = optim.lr_multiplier(cfg.train.steps, cfg.optim.warmup, cfg.optim.lr_min_ratio,
+                                   cfg.optim.scheduler)
 
   def group(base_lr):
     return optax.chain(
-        optax.clip_by_global_norm(cfg.train.clip),
+        optax.clip_by_global_norm(cfg.optim.clip),
         optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
-        optax.add_decayed_weights(cfg.train.weight_decay),
+        optax.add_decayed_weights(cfg.optim.weight_decay),
         optax.scale_by_learning_rate(lambda count: base_lr * multiplier(count)),
     )
 
@@ -86,7 +86,7 @@ def optax_reference(cfg):
       lambda v: jax.tree.map(lambda _: optim.param_group(v), v), params,
       is_leaf=lambda x: isinstance(x, nnx.Variable))
   return optax.multi_transform(
-      {"dense": group(cfg.train.lr), "values": group(cfg.model.memory.value_lr)}, labels)
+      {"dense": group(cfg.optim.lr), "values": group(cfg.optim.value_lr)}, labels)
 
 
 def test_the_fused_update_equals_optax_chain_per_group_over_steps():
@@ -128,8 +128,8 @@ def test_matches_optax_adamw_and_keeps_moments_in_the_state_dtype():
   grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape), params)
   ours = optim.make_optimizer(cfg)
   reference = optax.adamw(
-      lambda step: 1e-2 * optim.lr_multiplier(cfg.train.steps, 0, cfg.train.lr_min_ratio)(step),
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=cfg.train.weight_decay,
+      lambda step: 1e-2 * optim.lr_multiplier(cfg.train.steps, 0, cfg.optim.lr_min_ratio)(step),
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=cfg.optim.weight_decay,
   )
   p1, p2 = params, params
   s1, s2 = ours.init(params), reference.init(params)
@@ -141,7 +141,7 @@ def test_matches_optax_adamw_and_keeps_moments_in_the_state_dtype():
   _, dense2 = split_by_group(p2)
   for a, b in zip(dense1, dense2):  # steps of about lr = 1e-2: float32 rounding of those
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
-  cfg16, _ = setup(opt_state_dtype="bfloat16")
+  cfg16, _ = setup(state_dtype="bfloat16")
   tx16 = optim.make_optimizer(cfg16)
   state = tx16.init(params)
   _, state = tx16.apply(grads, state, params, optim.group_norms(grads))

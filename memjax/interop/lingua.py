@@ -3,11 +3,11 @@ onto memjax's `Config`, and memjax model configs written back in that format.
 
 A Lingua config is a whole training setup: a `model` mapping (`LMTransformerArgs`, the memory in
 `model.productkey_args`, `ProductKeyArgs`) among training sections. The model, the run length,
-the seeds, the optimizer and schedule (`optim`), the batch (`data.batch_size`, `data.seq_len`,
-`grad_acc_steps`), the tokenizer and checkpointing (`checkpoint.dump`) are mapped; the other
-sections (data sources, distributed and profiling settings, the eval harness) are accepted and
-left out. Keys that would change the network or the optimizer and that memjax lacks raise
-`ConfigError` naming the key.
+the seeds, the optimizer and schedule (`optim`, with the table's `value_fixed_lr`, onto memjax's
+`optim` section), the batch (`data.batch_size`, `data.seq_len`, `grad_acc_steps`), the tokenizer
+and checkpointing (`checkpoint.dump`) are mapped; the other sections (data sources, distributed
+and profiling settings, the eval harness) are accepted and left out. Keys that would change the
+network or the optimizer and that memjax lacks raise `ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ PRODUCTKEY_DEFAULTS: dict[str, Any] = {
     "mem_share_values": True, "mem_k_dim": 512, "mem_v_dim": -1, "swilu_projection": True,
     "value_fixed_lr": 0.001, "mem_gated": False, "peer_variant": False,
 }
-# ProductKeyArgs field -> MemoryConfig field.
+# ProductKeyArgs field -> MemoryConfig field. (`value_fixed_lr` is the optimizer's `value_lr`.)
 PRODUCTKEY_FIELDS = {
     "mem_n_keys": "n_keys", "mem_heads": "heads", "mem_knn": "knn", "mem_k_dim": "k_dim",
     "mem_v_dim": "v_dim", "mem_share_values": "share_values", "swilu_projection": "swilu",
-    "mem_gated": "gated", "value_fixed_lr": "value_lr",
+    "mem_gated": "gated",
 }
 
 # Vocabulary of each Lingua tokenizer, for configs leaving model.vocab_size at -1 (Lingua then takes
@@ -59,7 +59,15 @@ OPTIM_KEYS = (
     "lr", "weight_decay", "epsilon", "beta1", "beta2", "clip", "scheduler", "warmup",
     "lr_min_ratio", "cycle_length", "cosine_theta", "annealing_step", "decay_fraction", "exp_factor",
 )
+# OptimArgs fields memjax's `optim` section takes (same names), with Lingua's defaults: a key the
+# file leaves out trains as Lingua would (a cosine schedule), not at memjax's defaults.
+OPTIM_DEFAULTS: dict[str, Any] = {
+    "lr": 3e-4, "weight_decay": 0.1, "clip": 1.0, "scheduler": "cosine", "warmup": 2000,
+    "lr_min_ratio": 0.1,
+}
 SCHEDULERS = ("linear", "cosine")
+# The shape of Lingua's cosine that optax's cosine decay has (one half-cycle, progress**1).
+COSINE_FIXED = {"cycle_length": 1.0, "cosine_theta": 1.0}
 MODEL_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 _MEMJAX_ONLY_MODEL_KEYS = ("memory", "moe", "peer", "param_dtype", "dtype")
@@ -88,10 +96,13 @@ def to_memjax(data: dict) -> dict:
     weights) and a memory table is bfloat16, as the reference creates and trains it (spec 1.6).
   - `seed` is `model.seed` (default 42), the seed Lingua initialises the weights from; the
     top-level `seed` (data order) is `data.seed`.
-  - `steps`, `optim.{lr,weight_decay,clip,warmup,lr_min_ratio,scheduler}` and `checkpoint.dump.
-    {every,keep}` map by meaning; Lingua's `data.batch_size` is per data-parallel rank and micro
-    step, so memjax's `train.batch_size` (per optimizer step, all devices) becomes
-    `batch_size * grad_acc_steps` of one rank: multiply by the number of ranks you trained on.
+  - `optim.{lr,weight_decay,clip,warmup,lr_min_ratio,scheduler}` map onto memjax's `optim` of the
+    same names, Lingua's defaults filling what the file leaves out; `productkey_args.
+    value_fixed_lr` is `optim.value_lr` (null: the table at the base rate `optim.lr`).
+  - `steps` and `checkpoint.dump.{every,keep}` map by meaning; Lingua's `data.batch_size` is per
+    data-parallel rank and micro step, so memjax's `train.batch_size` (per optimizer step, all
+    devices) becomes `batch_size * grad_acc_steps` of one rank: multiply by the number of ranks
+    you trained on.
   Overrides given with a Lingua file use Lingua's names (`model.productkey_args.mem_knn=16`).
 
   Raises:
@@ -130,13 +141,13 @@ def to_memjax(data: dict) -> dict:
         "distributed.model_dtype", f"must be one of {', '.join(MODEL_DTYPES)}, got {model_dtype!r}"
     )
   model["dtype"] = MODEL_DTYPES[model_dtype]
-  model["memory"] = memory_from_productkey_args(
-      _mapping(m["productkey_args"], "model.productkey_args")
-  )
+  productkey_args = _mapping(m["productkey_args"], "model.productkey_args")
+  model["memory"] = memory_from_productkey_args(productkey_args)
   out = {
       "model": model,
       "data": _data_from(data_section, data.get("seed")),
       "train": {"seq_len": model["max_seqlen"], **_train_from(data)},
+      "optim": _optim_from(data, productkey_args),
       "seed": m["seed"],
   }
   try:
@@ -148,7 +159,8 @@ def to_memjax(data: dict) -> dict:
 
 
 def memory_from_productkey_args(pk: dict, field: str = "model.productkey_args") -> dict:
-  """`MemoryConfig` fields (a mapping) of a Lingua `ProductKeyArgs` mapping; defaults filled in."""
+  """`MemoryConfig` fields (a mapping) of a Lingua `ProductKeyArgs` mapping; defaults filled in.
+  (Its `value_fixed_lr` is the optimizer's: see `to_memjax`.)"""
   _no_unknown(pk, PRODUCTKEY_DEFAULTS, field, "ProductKeyArgs")
   pk = {**PRODUCTKEY_DEFAULTS, **pk}
   if not isinstance(pk["is_enabled"], bool):
@@ -156,15 +168,15 @@ def memory_from_productkey_args(pk: dict, field: str = "model.productkey_args") 
   if not pk["is_enabled"]:
     return {"layers": []}
   if pk["peer_variant"] is not False:
+    # Same sizes and forward (spec 1.3), but the reference's HashingMemory shares the two expert
+    # tables and trains them as value parameters: mapping it would train another model.
     raise ConfigError(
         f"{field}.peer_variant",
-        f"must be false: PEER is not supported yet, got {pk['peer_variant']!r}",
-    )
-  if pk["value_fixed_lr"] is None:
-    raise ConfigError(
-        f"{field}.value_fixed_lr",
-        "null (train the table at the base learning rate) is not supported until memjax has an "
-        "optimizer config; give a number such as 0.001",
+        "must be false: the reference's PEER variant shares its values_u/values_v tables across "
+        "layers (mem_share_values) and trains them at value_fixed_lr under the value table's "
+        "clip, where memjax's PEER baseline (model.peer) gives each layer its own tables, "
+        "trained with the other parameters; write a memjax config with model.peer instead, got "
+        f"{pk['peer_variant']!r}",
     )
   memory = {ours: pk[theirs] for theirs, ours in PRODUCTKEY_FIELDS.items()}
   memory["layers"] = _layers(pk["layers"], f"{field}.layers")
@@ -177,9 +189,10 @@ def from_memjax(cfg: Config) -> dict:
 
   It holds `model` (every LMTransformerArgs field, with productkey_args), `distributed.model_dtype`
   and `data.tokenizer` (name guessed from the vocabulary size, "sp" when unknown; path null): what
-  the reference's `load_consolidated_model_and_tokenizer` reads. Lingua has no field for dropout,
-  the parameter dtype or the table dtype: reloading gives the reference's (no dropout, float32
-  parameters, a bfloat16 table).
+  the reference's `load_consolidated_model_and_tokenizer` reads; and the `optim` keys memjax maps,
+  so a reload trains at `cfg`'s rates. Lingua has no field for dropout, the parameter dtype, the
+  table dtype, the moments' dtype or the sparse table update: reloading gives the reference's (no
+  dropout, float32 parameters, a bfloat16 table, float32 moments, the dense update).
 
   Raises:
     ConfigError: for settings the reference's model cannot express (qk_norm, no query bias, fewer
@@ -206,8 +219,10 @@ def from_memjax(cfg: Config) -> dict:
       "is_enabled": mem.enabled,
       "layers": ",".join(str(i) for i in mem.layers),
       **{theirs: getattr(mem, ours) for theirs, ours in PRODUCTKEY_FIELDS.items()},
+      "value_fixed_lr": cfg.optim.value_lr,
       "peer_variant": False,
   }
+  productkey_args = {k: productkey_args[k] for k in PRODUCTKEY_DEFAULTS}  # in Lingua's order
   model = {k: getattr(m, k) for k in _SAME_MODEL_FIELDS}
   model.update(
       n_heads=m.n_heads, max_seqlen=m.max_seqlen, vocab_size=m.vocab_size, seed=cfg.seed,
@@ -219,7 +234,33 @@ def from_memjax(cfg: Config) -> dict:
       "model": model,
       "distributed": {"model_dtype": dtypes[m.dtype]},
       "data": {"tokenizer": {"name": tokenizer, "path": None}},
+      "optim": {k: getattr(cfg.optim, k) for k in OPTIM_DEFAULTS},
   }
+
+
+def _optim_from(data: dict, productkey_args: dict) -> dict:
+  """OptimConfig fields of Lingua's `optim` section and the table's `value_fixed_lr`."""
+  given = _mapping(data.get("optim"), "optim")
+  _no_unknown(given, OPTIM_KEYS, "optim", "OptimArgs")
+  for key, fixed in OPTIM_FIXED.items():
+    if key in given and given[key] != fixed:
+      raise ConfigError(f"optim.{key}", f"must be {fixed} (memjax's AdamW), got {given[key]!r}")
+  optim = {key: given.get(key, default) for key, default in OPTIM_DEFAULTS.items()}
+  if optim["scheduler"] not in SCHEDULERS:
+    raise ConfigError(
+        "optim.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {optim['scheduler']!r}"
+    )
+  if optim["scheduler"] == "cosine":
+    for key, fixed in COSINE_FIXED.items():
+      if key in given and given[key] != fixed:
+        raise ConfigError(
+            f"optim.{key}", f"must be {fixed} with the cosine scheduler (memjax's cosine decay is "
+            f"one half-cycle), got {given[key]!r}"
+        )
+  value_lr = productkey_args.get("value_fixed_lr", PRODUCTKEY_DEFAULTS["value_fixed_lr"])
+  # null: the reference trains the table at the base rate (still under its own clip).
+  optim["value_lr"] = optim["lr"] if value_lr is None else value_lr
+  return optim
 
 
 def _train_from(data: dict) -> dict:
@@ -227,20 +268,6 @@ def _train_from(data: dict) -> dict:
   train: dict[str, Any] = {}
   if "steps" in data:
     train["steps"] = data["steps"]
-  optim = _mapping(data.get("optim"), "optim")
-  _no_unknown(optim, OPTIM_KEYS, "optim", "OptimArgs")
-  for key, fixed in OPTIM_FIXED.items():
-    if key in optim and optim[key] != fixed:
-      raise ConfigError(f"optim.{key}", f"must be {fixed} (memjax's AdamW), got {optim[key]!r}")
-  for key in ("lr", "weight_decay", "clip", "warmup", "lr_min_ratio"):
-    if key in optim:
-      train[key] = optim[key]
-  if "scheduler" in optim:
-    if optim["scheduler"] not in SCHEDULERS:
-      raise ConfigError(
-          "optim.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {optim['scheduler']!r}"
-      )
-    train["scheduler"] = optim["scheduler"]
   grad_acc = data.get("grad_acc_steps", 1)
   if grad_acc != 1:
     train["grad_accum"] = grad_acc
@@ -342,14 +369,13 @@ def _lingua_field(field: str, data_section: dict) -> str:
     return f"model.productkey_args.{theirs}"
   if field in ("model.max_seqlen", "train.seq_len") and "seq_len" in data_section:
     return "data.seq_len"
-  train_fields = {
-      "train.steps": "steps", "train.lr": "optim.lr", "train.weight_decay": "optim.weight_decay",
-      "train.clip": "optim.clip", "train.warmup": "optim.warmup",
-      "train.lr_min_ratio": "optim.lr_min_ratio", "train.grad_accum": "grad_acc_steps",
+  # The `optim` fields keep Lingua's names, but for the table's rate.
+  renamed = {
+      "train.steps": "steps", "train.grad_accum": "grad_acc_steps",
       "train.batch_size": "data.batch_size", "train.checkpoint_every": "checkpoint.dump.every",
       "train.keep_checkpoints": "checkpoint.dump.keep", "train.log_every": "logging.freq",
+      "optim.value_lr": "model.productkey_args.value_fixed_lr",
       "data.seed": "seed", "data.tokenizer_path": "data.tokenizer.path",
+      "model.dtype": "distributed.model_dtype", "seed": "model.seed",
   }
-  if field in train_fields:
-    return train_fields[field]
-  return {"model.dtype": "distributed.model_dtype", "seed": "model.seed"}.get(field, field)
+  return renamed.get(field, field)

@@ -1,0 +1,114 @@
+"""Loading configs: a YAML file (by path or by name in `configs/`) plus `key=value` overrides,
+validated into `memjax.config.Config`; and the command line that names them.
+
+A file is memjax's own or in one of `FORMATS`, the other layouts recognised and mapped onto
+memjax's before validation: today the reference's (Meta Lingua) `TrainArgs`, by
+`memjax.interop.lingua`. The schema module stays free of YAML and of the interop code; this one
+depends on both.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Callable
+
+import yaml
+from omegaconf import OmegaConf
+
+from memjax.config import Config, ConfigError, from_dict
+from memjax.interop import lingua
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny"
+
+# Other config layouts: (whether a parsed file is in it, its mapping onto memjax's layout).
+FORMATS: tuple[tuple[Callable[[dict], bool], Callable[[dict], dict]], ...] = (
+    (lingua.is_lingua, lingua.to_memjax),
+)
+
+
+def split_command_line(
+    argv: list[str], options: tuple[str, ...] = ()
+) -> tuple[str, dict[str, str], list[str]]:
+  """`config=NAME_OR_PATH` (default: DEFAULT_CONFIG), the `OPTION=VALUE` arguments for each
+  of `options`, and the remaining `key=value` overrides, from a command line."""
+  path, found, overrides = DEFAULT_CONFIG, {}, []
+  for arg in argv:
+    key, _, value = arg.partition("=")
+    if key == "config":
+      path = value
+    elif key in options:
+      found[key] = value
+    else:
+      overrides.append(arg)
+  return path, found, overrides
+
+
+def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
+  """A path, or the name of a file in `configs/` (with or without `.yaml`)."""
+  p = pathlib.Path(name_or_path)
+  candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
+  for c in candidates:
+    if c.is_file():
+      return c
+  known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+  raise FileNotFoundError(
+      f"config {str(name_or_path)!r} not found: give a YAML path or one of {', '.join(known)}"
+  )
+
+
+class _PlaceholderTagLoader(yaml.SafeLoader):
+  """Reads a scalar with a tag YAML does not know as the tag's text (e.g. "!!CHANGETHIS!!")."""
+
+
+def _placeholder(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> str:
+  if not isinstance(node, yaml.ScalarNode):
+    raise ConfigError(f"{node.tag}", f"unknown YAML tag on a collection at {node.start_mark}")
+  return node.value or f"!!{suffix}"
+
+
+_PlaceholderTagLoader.add_multi_constructor("tag:yaml.org,2002:", _placeholder)
+# YAML 1.2 floats such as 1e-4, as OmegaConf reads them (plain YAML 1.1 would keep a string).
+_PlaceholderTagLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+_PlaceholderTagLoader.add_multi_constructor("!", _placeholder)
+
+
+def _load_yaml(path: pathlib.Path):
+  try:
+    return OmegaConf.load(path)
+  except yaml.constructor.ConstructorError:
+    # Lingua's templates mark values to edit with an unknown tag (`path: !!CHANGETHIS!!`): read
+    # the placeholder as a string, so the model the file describes still loads.
+    with open(path, encoding="utf-8") as f:
+      return OmegaConf.create(yaml.load(f, Loader=_PlaceholderTagLoader) or {})
+
+
+def load_dict(path: str | pathlib.Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+  """Parses a YAML file and merges dotted `key=value` overrides into it (no validation yet)."""
+  base = _load_yaml(resolve_path(path)) if path is not None else OmegaConf.create({})
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(item, "overrides are written key=value, e.g. model.dim=256")
+  merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+  return OmegaConf.to_container(merged, resolve=True)
+
+
+def load(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+  """The validated config of a YAML file (memjax's own or one of `FORMATS`) plus overrides.
+
+  Overrides are merged before any mapping, so they use the file's own key names.
+  """
+  data = load_dict(path, overrides)
+  for detect, convert in FORMATS:
+    if detect(data):
+      data = convert(data)
+      break
+  return from_dict(Config, data)

@@ -1,6 +1,6 @@
 """Forward and forward+backward time of one memory layer: memjax against the PyTorch oracle.
 
-The oracle layer (tests/torch_oracle.py) is the reference's maths with `F.embedding_bag`, as the
+The oracle layer (memjax/interop/torch_reference.py) is the reference's maths with `F.embedding_bag`, as the
 reference runs on CPU. Both layers hold the same weights and read the same input; the backward
 computes every parameter gradient and the input gradient. Times are minima over interleaved rounds.
 
@@ -32,7 +32,7 @@ from flax import nnx
 from memjax.config import MemoryConfig, ModelConfig
 from memjax.layers.memory import ProductKeyMemory
 from memjax.ops import embedding_bag, resolve_impl
-from tests.torch_oracle import OracleMemory, load_into_oracle
+from memjax.interop.torch_reference import OracleMemory, load_into_oracle
 
 # The issue's shape: B=16, T=256, dim 256, n_keys 256, 4 heads, knn 32, k_dim 512, float32.
 FULL = dict(batch=16, seq=256, dim=256, n_keys=256, heads=4, knn=32, k_dim=512)

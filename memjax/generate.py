@@ -202,10 +202,9 @@ def _decode(
 
 def _extend(graphdef, state, tokens_BT, cache, n_valid_B=None):
   """`Transformer.extend` on a module rebuilt in the calling trace (a loop body may not mutate
-  a module of the enclosing one). Under `nnx.capture` with no variable types, the selections the
-  memory layers record for diagnostics are dropped instead of stored on the module."""
+  a module of the enclosing one)."""
   model = nnx.merge(graphdef, state)
-  return nnx.capture(model.extend)(tokens_BT, cache, n_valid_B)
+  return model.extend(tokens_BT, cache, n_valid_B)
 
 
 # ----------------------------------------------------------------------------------------------

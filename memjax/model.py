@@ -3,7 +3,9 @@
 Axis letters: B batch, T time, D model dim, W vocabulary, C cache positions, F rotary frequencies.
 Module and parameter names mirror the reference's state dict (spec 5.2), so checkpoints convert by
 name: `tok_embeddings`, `layers.{i}.{attention,attention_norm,feed_forward,ffn_norm}`, `norm`,
-`output`. The shared value table is one `MemoryValues` variable referenced by every memory layer.
+`output`; a memory or PEER layer's `keys` and `query_proj` sit one level down, under
+`product_keys`. The shared value table is one `MemoryValues` variable referenced by every memory
+layer.
 
 `Transformer.__call__` is the training forward over whole sequences. Decoding (memjax.generate)
 uses `init_cache` and `extend`, which run new tokens against a key/value cache; memory layers read
@@ -19,12 +21,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memjax import sharding
 from memjax.config import ModelConfig
 from memjax.layers import init
 from memjax.layers.attention import Attention, KVCache, rope_angles
 from memjax.layers.feed_forward import FeedForward
 from memjax.layers.memory import MemoryValues, ProductKeyMemory, new_value_table
-from memjax.layers.moe import MoE
+from memjax.layers.moe import BALANCE_LOSS, MoE
 from memjax.layers.peer import PEER
 from memjax.layers.norms import RMSNorm
 
@@ -113,6 +116,7 @@ class Transformer(nnx.Module):
     std = cfg.dim**-0.5
     self.tok_embeddings = nnx.Embed(
         cfg.vocab_size, cfg.dim, embedding_init=init.trunc_normal(std),
+        embedding_metadata=sharding.logical(sharding.VOCAB, sharding.EMBED),
         dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
     shared = (
@@ -124,6 +128,7 @@ class Transformer(nnx.Module):
     self.norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype)
     self.output = nnx.Linear(
         cfg.dim, cfg.vocab_size, use_bias=False, kernel_init=init.trunc_normal(std),
+        kernel_metadata=sharding.logical(sharding.EMBED, sharding.VOCAB),
         dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
 
@@ -182,10 +187,10 @@ def split_for_inference(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def balance_loss(intermediates: nnx.State) -> jax.Array:
-  """Sum of the MoE layers' load-balancing losses recorded under `nnx.capture(model,
-  nnx.Intermediate)`; 0 for a model without MoE layers."""
+  """Sum of the MoE layers' load-balancing losses recorded under `nnx.capture(view,
+  nnx.Intermediate)` of a view with `record_balance_loss=True`; 0 without MoE layers."""
   losses = [
-      v.get_value() for path, v in nnx.to_flat_state(intermediates) if path[-1] == "balance_loss"
+      v.get_value() for path, v in nnx.to_flat_state(intermediates) if path[-1] == BALANCE_LOSS
   ]
   return sum(losses, jnp.float32(0))
 
@@ -203,7 +208,7 @@ def parameter_counts(model: Transformer) -> dict[str, int]:
     ffn = block.feed_forward
     if isinstance(ffn, ProductKeyMemory):
       sparse[id(ffn.values)] = size(ffn.values)
-      used += ffn.heads * ffn.knn * ffn.values.get_value().shape[1]
+      used += ffn.product_keys.heads * ffn.product_keys.knn * ffn.values.get_value().shape[1]
     elif isinstance(ffn, MoE):
       for w in (ffn.w1, ffn.w3, ffn.w2):
         sparse[id(w)] = size(w)
@@ -211,7 +216,7 @@ def parameter_counts(model: Transformer) -> dict[str, int]:
     elif isinstance(ffn, PEER):
       for table in (ffn.values_u.embedding, ffn.values_v.embedding):
         sparse[id(table)] = size(table)
-        used += ffn.heads * ffn.knn * table.get_value().shape[1]
+        used += ffn.product_keys.heads * ffn.product_keys.knn * table.get_value().shape[1]
   return {"total": int(total), "active": int(total - sum(sparse.values()) + used)}
 
 

@@ -1,18 +1,24 @@
-"""Where arrays live on the device mesh: the mesh from config, and the rules that place the
-parameters, the optimizer state and the batch.
+"""Where arrays live on the device mesh: the mesh from config, the logical axes that parameters
+declare where they are created, and the one table of rules that maps those to mesh axes.
 
 Mesh axes (`mesh` config): `data` (batch split, parameters replicated), `fsdp` (batch split,
 dense parameters sharded), `memory` (batch split, the value table's columns sharded: the
-reference's memory parallelism, see `memjax.ops.memory_parallel`). The batch is split over all
-three. The rules, by logical role:
+reference's memory parallelism, see `memjax.ops.memory_parallel`). The batch, and every
+token-indexed activation, is split over all three (`BATCH`).
 
-| role | mesh axes |
+Each parameter names one logical axis per dim where it is created (`logical(...)`; None for a dim
+that is never split), and `rules` maps those to mesh axes:
+
+| logical axes | mesh axis |
 |---|---|
-| batch | (data, fsdp, memory) |
-| value table rows | fsdp when `table_rows_over_fsdp`, else none |
-| value table columns | memory |
-| dense weights (2-D and up) | fsdp on the first dim it divides (input dims first), else none |
-| vectors (norms, biases) and scalars | none |
+| dense weights' dims: vocab, embed, heads, kv_heads, mlp, experts, query, key_heads, ... | fsdp |
+| slots (the value table's rows) | fsdp when `table_rows_over_fsdp`, else none |
+| slot_dim (the value table's columns) | memory |
+| norm, bias (norm scales, biases: small, replicated rather than gathered at each use) | none |
+
+A dim is split over its mesh axis when that axis has several devices, divides the dim, and no
+earlier dim of the parameter took it: a dense weight is split over fsdp on its first dim that
+fsdp divides.
 """
 
 from __future__ import annotations
@@ -25,10 +31,51 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from memjax.config import ConfigError, MeshConfig
-from memjax.layers.memory import MemoryValues
 
-AXES = ("data", "fsdp", "memory")
+# Mesh axes.
+DATA, FSDP, MEMORY = "data", "fsdp", "memory"
+AXES = (DATA, FSDP, MEMORY)
 BATCH = AXES  # the batch (and every token-indexed activation) is split over all three
+
+# Logical axes: what a parameter's dim is.
+VOCAB = "vocab"  # W, the vocabulary
+EMBED = "embed"  # D, the model dim
+HEADS = "heads"  # attention query heads x head dim
+KV_HEADS = "kv_heads"  # attention key/value heads x head dim
+MLP = "mlp"  # F, an FFN's (or an expert's) hidden dim
+EXPERTS = "experts"  # MoE experts; PEER's single-neuron experts
+QUERY = "query"  # product-key query heads x key dim
+KEY_HEADS = "key_heads"  # H, product-key heads
+SUB_KEYS = "sub_keys"  # M, sub-keys per half
+KEY_DIM = "key_dim"  # E, half a key
+VALUE = "value"  # V, the value dim of the memory layer's projections
+SLOTS = "slots"  # S, the value table's rows
+SLOT_DIM = "slot_dim"  # V, the value table's columns
+NORM = "norm"  # a norm's scale
+BIAS = "bias"  # a bias
+LOGICAL_AXES = "logical_axes"  # the variable metadata key that holds them
+
+
+def rules(cfg: MeshConfig) -> dict[str, str | None]:
+  """Logical axis -> mesh axis (None: replicated)."""
+  dense = (VOCAB, EMBED, HEADS, KV_HEADS, MLP, EXPERTS, QUERY, KEY_HEADS, SUB_KEYS, KEY_DIM, VALUE)
+  return {axis: FSDP for axis in dense} | {
+      SLOTS: FSDP if cfg.table_rows_over_fsdp else None,
+      SLOT_DIM: MEMORY,
+      NORM: None,
+      BIAS: None,
+  }
+
+
+def logical(*axes: str | None) -> dict[str, Any]:
+  """Variable metadata naming a parameter's logical axes, one per dim: `nnx.Param(value,
+  **logical(EMBED, MLP))`, or an nnx.Linear's `kernel_metadata=logical(EMBED, MLP)`.
+
+  Its own key, not Flax's `out_sharding`: Flax reads that as mesh axes when a variable is created
+  or `nnx.eval_shape`d under a mesh, where these names need `rules` (which depend on the mesh
+  config and on what divides what) to become mesh axes. `param_shardings` places the whole state.
+  """
+  return {LOGICAL_AXES: axes}
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -65,27 +112,52 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def token_mesh(n_tokens: int) -> jax.sharding.AbstractMesh | None:
+  """The current mesh when it has several devices, the `BATCH` axes, and `n_tokens` split evenly
+  over them: where a layer runs its kernels per device on its own tokens (`P(BATCH)`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not set(BATCH) <= set(mesh.axis_names):
+    return None
+  if n_tokens % math.prod(mesh.shape[axis] for axis in BATCH):
+    return None
+  return mesh
+
+
 def param_spec(variable: nnx.Variable, shape: tuple[int, ...], mesh: Mesh, cfg: MeshConfig) -> P:
-  if isinstance(variable, MemoryValues):
-    rows = "fsdp" if cfg.table_rows_over_fsdp and shape[0] % mesh.shape["fsdp"] == 0 else None
-    return P(rows, "memory")
-  fsdp = mesh.shape["fsdp"]
-  if len(shape) < 2 or fsdp == 1:
-    return P()
-  for dim, size in enumerate(shape):
-    if size % fsdp == 0:
-      return P(*([None] * dim), "fsdp")
-  return P()
+  """The variable's logical axes (see `logical`) placed by `rules(cfg)` on `mesh`."""
+  names = variable.get_metadata(LOGICAL_AXES, None)
+  if names is None or len(names) != len(shape):
+    raise ValueError(
+        f"a {type(variable).__name__} of shape {shape} must name one logical axis per dim "
+        f"(memjax.sharding.logical), got {names}"
+    )
+  table = rules(cfg)
+  spec, used = [], set()
+  for name, size in zip(names, shape):
+    if name is not None and name not in table:
+      raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+    axis = None if name is None else table[name]
+    if axis is None or axis in used or mesh.shape[axis] == 1 or size % mesh.shape[axis]:
+      spec.append(None)
+    else:
+      spec.append(axis)
+      used.add(axis)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
 
 
 def param_shardings(params: nnx.State, mesh: Mesh, cfg: MeshConfig) -> Any:
   """A sharding for every parameter array (the tree of `params`, Variables kept)."""
-  return jax.tree.map(
-      lambda v: jax.tree.map(
-          lambda x: NamedSharding(mesh, param_spec(v, x.shape, mesh, cfg)), v
-      ),
-      params,
-      is_leaf=lambda x: isinstance(x, nnx.Variable),
+
+  def place(path, v):
+    try:
+      return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(v, x.shape, mesh, cfg)), v)
+    except ValueError as e:
+      raise ValueError(f"{jax.tree_util.keystr(path)}: {e}") from None
+
+  return jax.tree_util.tree_map_with_path(
+      place, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
   )
 
 
@@ -106,4 +178,3 @@ def opt_state_shardings(opt_state: Any, params_shardings: Any, mesh: Mesh) -> An
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(place, opt_state)
-

@@ -12,11 +12,11 @@ from flax import nnx
 
 from conftest import precision
 from memjax.config import MemoryConfig, ModelConfig
+from memjax.interop.torch_reference import OracleMemory, load_into_oracle, to_reference
 from memjax.layers.memory import ProductKeyMemory
 from memjax.ops import product_topk
-from torch_oracle import (
-    OracleMemory, build_random, load_into_oracle, oracle_grads, relative_error, to_reference,
-)
+
+from support.parity import build_random, oracle_grads, relative_error
 
 DIM = 32
 # Error bound relative to each tensor's largest entry. float64 only reaches about 1e-7: the
@@ -194,14 +194,14 @@ def test_qk_norm_runs_and_changes_the_output():
 
 def differentiate_every_score(layer, x_ND):
   """The selection as the reference differentiates it: through all 2 x M sub-key scores."""
-  n = x_ND.shape[0]
-  scores_NH2M = layer.half_scores(x_ND)
+  n, keys = x_ND.shape[0], layer.product_keys
+  scores_NH2M = keys.half_scores(x_ND)
   scores_RK, slots_RK = product_topk(
-      scores_NH2M[:, :, 0].reshape(n * layer.heads, -1),
-      scores_NH2M[:, :, 1].reshape(n * layer.heads, -1),
-      layer.knn,
+      scores_NH2M[:, :, 0].reshape(n * keys.heads, -1),
+      scores_NH2M[:, :, 1].reshape(n * keys.heads, -1),
+      keys.knn,
   )
-  shape = (n, layer.heads, layer.knn)
+  shape = (n, keys.heads, keys.knn)
   return slots_RK.reshape(shape), jax.nn.softmax(scores_RK, axis=-1).reshape(shape)
 
 
@@ -215,7 +215,9 @@ def test_the_selection_gradient_equals_differentiating_every_sub_key_score(memor
   layer.train()  # query dropout draws a mask; both copies below draw the same one
   rng = np.random.default_rng(2)
   x_ND = jnp.asarray(rng.standard_normal((10, DIM)), jnp.float32)
-  cot_NHK = jnp.asarray(rng.standard_normal((10, layer.heads, layer.knn)), jnp.float32)
+  cot_NHK = jnp.asarray(
+      rng.standard_normal((10, layer.product_keys.heads, layer.product_keys.knn)), jnp.float32
+  )
 
   def grads(select, layer):
     loss = lambda layer, x_ND: jnp.sum(select(layer, x_ND)[1] * cot_NHK)

@@ -13,11 +13,11 @@ from flax import nnx
 
 from conftest import precision
 from memjax.config import MemoryConfig, ModelConfig
+from memjax.interop.torch_reference import OracleTransformer, load_into_oracle, to_reference
 from memjax.layers.memory import MemoryValues
 from memjax.model import Transformer, cross_entropy
-from torch_oracle import (
-    OracleTransformer, build_random, load_into_oracle, oracle_grads, relative_error, to_reference,
-)
+
+from support.parity import build_random, oracle_grads, relative_error
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 

@@ -10,30 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax import config as config_lib
-from memjax import sharding
+from memjax import config_loading
 from memjax.config import ConfigError, MoEConfig, ModelConfig
 from memjax.layers import moe
 from memjax.model import Transformer, balance_loss, parameter_counts
-from memjax.training import state as state_lib
 from memjax.training import step as step_lib
 
+from support.meshes import train_steps
+
 pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
-def train_steps(cfg: config_lib.Config, steps: int):
-  """`steps` jitted train steps of `cfg` on random tokens: the losses and the last metrics."""
-  mesh = sharding.make_mesh(config_lib.MeshConfig(data=1), jax.devices()[:1])
-  tokens = np.random.default_rng(0).integers(0, 64, (cfg.train.batch_size, cfg.train.seq_len + 1))
-  with jax.set_mesh(mesh):
-    jitted, _ = step_lib.jit_train_step(cfg, mesh)
-    state = state_lib.create_state(cfg, mesh)
-    batch = jax.device_put(jnp.asarray(tokens, jnp.int32), sharding.batch_sharding(mesh))
-    losses = []
-    for _ in range(steps):
-      state, metrics = jitted(state, batch)
-      losses.append(float(metrics["loss"]))
-  return np.array(losses), jax.device_get(metrics)
 
 
 def random_experts(n=24, d=8, f=12, e=5, seed=0):
@@ -130,15 +115,22 @@ def moe_model_config(**moe_fields) -> ModelConfig:
   return ModelConfig(dim=16, n_layers=2, n_heads=2, vocab_size=64, moe=MoEConfig(**fields))
 
 
-def test_layer_records_its_balance_loss_only_when_captured():
+def recorded_balance_loss(model, tokens):
+  view = nnx.view(model, record_balance_loss=True, raise_if_not_found=False)
+  logits, intermediates = nnx.capture(view, nnx.Intermediate)(tokens)
+  return logits, balance_loss(intermediates)
+
+
+def test_layer_records_its_balance_loss_only_in_a_view_that_asks():
   model = Transformer(moe_model_config(), rngs=nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
-  logits, intermediates = nnx.capture(model, nnx.Intermediate)(tokens)
-  loss = balance_loss(intermediates)
+  logits, loss = recorded_balance_loss(model, tokens)
   assert 1.0 <= float(loss) <= 4.0  # between uniform use and one expert
   np.testing.assert_allclose(model(tokens), logits, rtol=1e-6)  # a plain call gives the same
   assert not nnx.state(model, nnx.Intermediate)  # and records nothing
-  assert float(balance_loss(nnx.capture(Transformer(moe_model_config(layers=()), rngs=nnx.Rngs(0)), nnx.Intermediate)(tokens)[1])) == 0
+  assert float(balance_loss(nnx.capture(model, nnx.Intermediate)(tokens)[1])) == 0  # nor captured
+  dense = Transformer(moe_model_config(layers=()), rngs=nnx.Rngs(0))
+  assert float(recorded_balance_loss(dense, tokens)[1]) == 0
 
 
 def test_balance_coefficient_reaches_the_training_loss():
@@ -172,21 +164,21 @@ def test_parameter_counts_total_and_active():
 
 def test_config_errors_name_the_field():
   with pytest.raises(ConfigError, match=r"^model.moe.top_k: must be in \[1, experts=4\], got 5"):
-    config_lib.load("tiny", ["model.memory.layers=[]", "model.moe.layers=[1]", "model.moe.experts=4", "model.moe.top_k=5"])
+    config_loading.load("tiny", ["model.memory.layers=[]", "model.moe.layers=[1]", "model.moe.experts=4", "model.moe.top_k=5"])
   with pytest.raises(ConfigError, match=r"^model.moe.layers: blocks \[1\] are already in memory.layers"):
-    config_lib.load("tiny", ["model.moe.layers=[0,1]"])
+    config_loading.load("tiny", ["model.moe.layers=[0,1]"])
   with pytest.raises(ConfigError, match=r"^model.moe.impl: must be one of"):
-    config_lib.load("tiny", ["model.moe.impl=dense"])
+    config_loading.load("tiny", ["model.moe.impl=dense"])
   with pytest.raises(ConfigError, match=r"^model.peer.layers: block indices must be in \[0, n_layers=4\)"):
-    config_lib.load("tiny", ["model.peer.layers=[4]"])
+    config_loading.load("tiny", ["model.peer.layers=[4]"])
 
 
 @pytest.mark.parametrize("impl", ["blocked", "ragged"])
 def test_moe_config_trains(impl):
-  cfg = config_lib.load(
+  cfg = config_loading.load(
       "tiny_moe",
       ["model.dim=32", "model.n_heads=2", "model.moe.hidden_dim=32", f"model.moe.impl={impl}",
-       "model.moe.block=8", "train.batch_size=2", "train.seq_len=16", "train.warmup=1"],
+       "model.moe.block=8", "train.batch_size=2", "train.seq_len=16", "optim.warmup=1"],
   )
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=64))
   losses, metrics = train_steps(cfg, steps=4)

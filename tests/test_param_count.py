@@ -4,14 +4,14 @@ import jax
 import pytest
 from flax import nnx
 
-from memjax import config
+from memjax import config_loading
 from memjax.layers.memory import MemoryValues
 from memjax.model import Transformer
 
 
 def count(name: str, overrides=()) -> tuple[int, int]:
   """(parameters other than the value table, table parameters) of configs/`name`."""
-  cfg = config.load(name, overrides)
+  cfg = config_loading.load(name, overrides)
   model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
   leaves = jax.tree.leaves(nnx.state(model))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing materialised

@@ -1,5 +1,6 @@
 """PEER (the reference's peer_variant): parity with the PyTorch oracle (output, selection and every
-gradient), gradients only on the selected experts, init, and a PEER model's train steps."""
+gradient) under every lookup impl, gradients only on the selected experts, init, and a PEER model's
+train steps."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,11 +9,14 @@ import torch
 from flax import nnx
 
 from conftest import precision
-from memjax import config as config_lib
+from memjax import config_loading
 from memjax.config import ModelConfig, PEERConfig
+from memjax.interop.torch_reference import OraclePEER, load_into_oracle, to_reference
 from memjax.layers.peer import PEER
-from test_moe import train_steps
-from torch_oracle import OraclePEER, build_random, load_into_oracle, oracle_grads, relative_error, to_reference
+
+from support.lookup import IMPLS
+from support.meshes import train_steps
+from support.parity import build_random, oracle_grads, relative_error
 
 DIM = 32
 TOL = {"float32": 1e-5, "float64": 1e-6}
@@ -39,15 +43,16 @@ def forward_and_grads(layer, x_BTD, cot_BTD):
   return layer(x_BTD), grads, dx_BTD, experts_NHK
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "variant, dtype", [(v, "float32") for v in VARIANTS] + [("h4_k8_n32", "float64")]
 )
-def test_matches_oracle(variant, dtype):
+def test_matches_oracle(variant, dtype, impl):
   rng = np.random.default_rng(2)
   x_BTD = rng.standard_normal((2, 5, DIM)).astype(dtype)
   cot_BTD = rng.standard_normal((2, 5, DIM)).astype(dtype)
   with precision(dtype):
-    cfg = make_config(dtype, **VARIANTS[variant])
+    cfg = make_config(dtype, impl=impl, **VARIANTS[variant])
     layer = build_random(lambda: PEER(cfg, rngs=nnx.Rngs(0)), 0)
     # Pre-activations <x, u> of order 1: far in gelu's negative tail, float32 gradients underflow
     # to exactly 0 and the check below could not tell a missing gradient from a vanishing one.
@@ -114,10 +119,10 @@ def test_init_statistics():
 
 
 def test_peer_config_trains():
-  cfg = config_lib.load(
+  cfg = config_loading.load(
       "tiny_peer",
       ["model.dim=32", "model.n_heads=2", "model.peer.n_keys=8", "model.peer.knn=4",
-       "model.peer.k_dim=16", "train.batch_size=2", "train.seq_len=16", "train.warmup=1"],
+       "model.peer.k_dim=16", "train.batch_size=2", "train.seq_len=16", "optim.warmup=1"],
   )
   losses, metrics = train_steps(cfg, steps=4)
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses

@@ -1,62 +1,25 @@
 """memjax.sharding: the tiny memory model on 8 CPU devices, split every way the mesh allows,
 computes what one device computes; the state lives where the rules say."""
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from memjax import config, sharding
+from memjax import config, config_loading, sharding
+from memjax.model import Transformer
 from memjax.training import loop, state as state_lib, step as step_lib
 
+from support.meshes import MESHES, MODEL, X64, assert_close, cfg_for, run_steps
+
 pytestmark = pytest.mark.usefixtures("fast_compile_module")
-
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 1, 4), (1, 2, 4), (1, 1, 8)]  # (data, fsdp, memory)
-MODEL = [
-    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.memory.layers=[1]",
-    "model.memory.n_keys=12", "model.memory.knn=4", "model.memory.heads=2",
-    "model.memory.k_dim=32", "model.max_seqlen=64", "train.batch_size=8", "train.seq_len=16",
-    "train.warmup=1",
-]
-
-
-def cfg_for(shape, *extra):
-  data, fsdp, memory = shape
-  return config.load("tiny", [*MODEL, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.memory={memory}", *extra])
-
-
-def tokens(step):
-  return jnp.asarray(np.random.default_rng(step).integers(0, 258, (8, 17)), jnp.int32)
-
-
-def run_steps(cfg, devices, n_steps, rows=None):
-  """Loss and gradients at the initial state, and the parameters after n_steps (`rows`: the
-  tables' gradient form, see `step.make_train_step`)."""
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  with jax.set_mesh(mesh):
-    state = state_lib.create_state(cfg, mesh)
-    graphdef = state_lib.model_graphdef(cfg)
-    grad_fn = jax.jit(jax.value_and_grad(
-        lambda p, o, t: step_lib._loss(graphdef, p, o, t)[0]
-    ))
-    place = lambda t: jax.device_put(t, sharding.batch_sharding(mesh))
-    loss, grads = grad_fn(state.params, state.other, place(tokens(0)))
-    train_step, _ = step_lib.jit_train_step(cfg, mesh, rows)
-    losses = []
-    for step in range(n_steps):
-      state, metrics = train_step(state, place(tokens(step)))
-      losses.append(metrics["loss"])
-    return jax.device_get((loss, grads, state.params, losses)), state
-
-
-# The parameters' trajectory is compared in float64. In float32 a sharded run's reordered sums
-# differ by rounding, and Adam divides each coordinate's gradient by its own RMS: where a
-# coordinate's gradient is near Adam's eps (a rarely seen token's embedding, say), that rounding
-# moves the update by a sizeable fraction of a step, so float32 parameters after a few steps
-# differ by up to 1e-3 of their scale in a coordinate or two, on any mesh.
-X64 = ["model.param_dtype=float64", "model.dtype=float64"]
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +31,6 @@ def single_device(fast_compile_module):
 def single_device_x64(fast_compile_module):
   with jax.enable_x64(True):
     return run_steps(cfg_for((1, 1, 1), *X64), jax.devices()[:1], 5)[0]
-
-
-def assert_close(actual, expected, what):
-  """Every leaf within 1e-5 of its scale."""
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    worst = np.abs(a - b).max()
-    assert worst <= 1e-5 * max(np.abs(b).max(), 1e-30), f"{what} {jax.tree_util.keystr(path)}: {worst}"
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
@@ -114,7 +69,7 @@ def test_table_rows_over_fsdp_divide_the_table_again():
 ])
 def test_bad_meshes_fail_clearly(mesh, message):
   with pytest.raises(config.ConfigError, match=message):
-    sharding.make_mesh(config.load("tiny", [*MODEL, *mesh]).mesh)
+    sharding.make_mesh(config_loading.load("tiny", [*MODEL, *mesh]).mesh)
 
 
 def test_no_collective_moves_the_whole_table_or_its_gradient():
@@ -131,3 +86,66 @@ def test_no_collective_moves_the_whole_table_or_its_gradient():
   assert any(kind == "all-to-all" for _, kind in ops)  # the memory-parallel lookup is there
   for shape, kind in ops:
     assert "[144,32]" not in shape, f"{kind} moves the whole (144, 32) table: {shape}"
+
+
+# A tiny PEER model: 8^2 experts per table, read by block 1.
+PEER_MODEL = [
+    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.peer.layers=[1]",
+    "model.peer.n_keys=8", "model.peer.knn=4", "model.peer.heads=2", "model.peer.k_dim=16",
+    "model.max_seqlen=64", "train.batch_size=8", "train.seq_len=16", "optim.warmup=1",
+]
+
+
+def test_a_peer_model_split_every_way_computes_what_one_device_computes():
+  # Its selection runs per device, its tables are split over fsdp and its down projection's
+  # columns over memory, as the memory layer's are.
+  peer_cfg = lambda shape: cfg_for(shape, base="tiny_peer", model=PEER_MODEL)
+  (want_loss, want_grads, _, _), _ = run_steps(peer_cfg((1, 1, 1)), jax.devices()[:1], 0)
+  (loss, grads, _, _), _ = run_steps(peer_cfg((2, 2, 2)), jax.devices(), 0)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  assert_close(grads, want_grads, "gradient")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_moe", "tiny_peer"])
+def test_every_parameter_names_a_logical_axis_with_a_rule_for_each_dim(name):
+  cfg = config_loading.load(name, ["model.memory.gated=true"] if name == "tiny" else [])
+  model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  rules = sharding.rules(cfg.mesh)
+  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = param.get_metadata(sharding.LOGICAL_AXES, None)
+    assert axes is not None and len(axes) == param.get_value().ndim, (path, axes)
+    assert all(axis is None or axis in rules for axis in axes), (path, axes)
+
+
+def test_the_rules_split_dense_weights_over_fsdp_and_the_table_over_memory():
+  mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=4, memory=2))
+  spec = lambda shape, *axes, rows_over_fsdp=False: sharding.param_spec(
+      nnx.Param(jax.ShapeDtypeStruct(shape, jnp.float32), **sharding.logical(*axes)), shape, mesh,
+      config.MeshConfig(data=1, fsdp=4, memory=2, table_rows_over_fsdp=rows_over_fsdp),
+  )
+  # A dense weight on its first dim that fsdp divides, and on one dim only.
+  assert spec((258, 32), sharding.VOCAB, sharding.EMBED) == P(None, sharding.FSDP)
+  assert spec((32, 64), sharding.EMBED, sharding.MLP) == P(sharding.FSDP)
+  assert spec((2, 2, 6, 8), sharding.KEY_HEADS, None, sharding.SUB_KEYS, sharding.KEY_DIM) == (
+      P(None, None, None, sharding.FSDP))
+  assert spec((32,), sharding.NORM) == spec((64,), sharding.BIAS) == P()
+  assert spec((144, 32), sharding.SLOTS, sharding.SLOT_DIM) == P(None, sharding.MEMORY)
+  assert spec((144, 32), sharding.SLOTS, sharding.SLOT_DIM, rows_over_fsdp=True) == (
+      P(sharding.FSDP, sharding.MEMORY))
+
+
+def test_a_parameter_without_logical_axes_is_named_in_the_error():
+  linear = nnx.eval_shape(lambda: nnx.Linear(4, 8, use_bias=False, rngs=nnx.Rngs(0)))
+  params = nnx.state(linear, nnx.Param)
+  mesh = sharding.make_mesh(config.MeshConfig())
+  with pytest.raises(ValueError, match=r"\['kernel'\].*one logical axis per dim"):
+    sharding.param_shardings(params, mesh, config.MeshConfig())
+
+
+def test_the_placement_rules_do_not_import_the_layers():
+  code = (
+      "import sys, memjax.sharding; "
+      "sys.exit(any(m.startswith('memjax.layers') for m in sys.modules))"
+  )
+  env = os.environ | {"JAX_PLATFORMS": "cpu"}
+  assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0

@@ -69,9 +69,10 @@ def _linear(layout: dict, key: str, linear: nnx.Linear | None) -> None:
 
 
 def _memory_layout(memory: ProductKeyMemory, prefix: str = "") -> Layout:
-  """The reference `HashingMemory` keys of one memory layer, its table included."""
-  layout = {f"{prefix}keys": (memory.keys, "keys")}
-  _linear(layout, f"{prefix}query_proj.query_mlps.0", memory.query_proj)
+  """The reference `HashingMemory` keys of one memory layer, its table included (the selection's
+  parameters, under `product_keys` in memjax, sit at the layer's top level there)."""
+  layout = {f"{prefix}keys": (memory.product_keys.keys, "keys")}
+  _linear(layout, f"{prefix}query_proj.query_mlps.0", memory.product_keys.query_proj)
   _linear(layout, f"{prefix}swilu_projection", memory.swilu_projection)
   _linear(layout, f"{prefix}value_proj", memory.value_proj)
   _linear(layout, f"{prefix}gating", memory.gating)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memjax import sharding
 from memjax.layers import init
 
 
@@ -75,14 +76,14 @@ class Attention(nnx.Module):
       dtype, param_dtype, rngs: nnx.Rngs,
   ):
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-    linear = lambda d_in, d_out: nnx.Linear(
+    linear = lambda d_in, d_out, axes: nnx.Linear(
         d_in, d_out, use_bias=False, kernel_init=init.trunc_normal(init_std),
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        kernel_metadata=sharding.logical(*axes), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
-    self.wq = linear(dim, n_heads * head_dim)
-    self.wk = linear(dim, n_kv_heads * head_dim)
-    self.wv = linear(dim, n_kv_heads * head_dim)
-    self.wo = linear(n_heads * head_dim, dim)
+    self.wq = linear(dim, n_heads * head_dim, (sharding.EMBED, sharding.HEADS))
+    self.wk = linear(dim, n_kv_heads * head_dim, (sharding.EMBED, sharding.KV_HEADS))
+    self.wv = linear(dim, n_kv_heads * head_dim, (sharding.EMBED, sharding.KV_HEADS))
+    self.wo = linear(n_heads * head_dim, dim, (sharding.HEADS, sharding.EMBED))
 
   def __call__(self, x_BTD: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
     b, t, _ = x_BTD.shape

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memjax import sharding
 from memjax.config import ModelConfig
 from memjax.layers import init
 
@@ -94,6 +95,10 @@ def resolve_impl(impl: str) -> str:
   return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
+# The nnx.Intermediate a layer viewed with `record_balance_loss=True` sows: its balance loss.
+BALANCE_LOSS = "balance_loss"
+
+
 class MoE(nnx.Module):
   """Replaces a block's FFN. Parameters: `router` (D -> E, no bias), expert weights `w1`, `w3`
   (E, D, F) and `w2` (E, F, D), initialised as the dense FFN's w1, w3 and w2."""
@@ -105,13 +110,26 @@ class MoE(nnx.Module):
     self.dtype = dtype
     d, f, e = cfg.dim, cfg.expert_hidden_dim, moe.experts
     self.router = nnx.Linear(
-        d, e, use_bias=False, kernel_init=init.trunc_normal(in_std), param_dtype=param_dtype,
-        rngs=rngs,
+        d, e, use_bias=False, kernel_init=init.trunc_normal(in_std),
+        kernel_metadata=sharding.logical(sharding.EMBED, sharding.EXPERTS),
+        param_dtype=param_dtype, rngs=rngs,
     )
-    weight = lambda std, shape: nnx.Param(init.trunc_normal(std)(rngs.params(), shape, param_dtype))
-    self.w1 = weight(in_std, (e, d, f))
-    self.w3 = weight(in_std, (e, d, f))
-    self.w2 = weight(out_std, (e, f, d))
+    weight = lambda std, shape, *axes: nnx.Param(
+        init.trunc_normal(std)(rngs.params(), shape, param_dtype), **sharding.logical(*axes)
+    )
+    self.w1 = weight(in_std, (e, d, f), sharding.EXPERTS, sharding.EMBED, sharding.MLP)
+    self.w3 = weight(in_std, (e, d, f), sharding.EXPERTS, sharding.EMBED, sharding.MLP)
+    self.w2 = weight(out_std, (e, f, d), sharding.EXPERTS, sharding.MLP, sharding.EMBED)
+    self.record_balance_loss = False
+
+  def set_view(self, record_balance_loss: bool | None = None):
+    """Args:
+      record_balance_loss: if True, each call sows its load-balancing loss as the
+        nnx.Intermediate `BALANCE_LOSS`, for the training loss; read it with
+        `nnx.capture(view, nnx.Intermediate)`.
+    """
+    if record_balance_loss is not None:
+      self.record_balance_loss = record_balance_loss
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     b, t, d = x_BTD.shape
@@ -120,10 +138,8 @@ class MoE(nnx.Module):
     # would flip between experts.
     logits_NE = x_ND.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
     experts_NK, gates_NK, balance = route(logits_NE, self.top_k)
-    # Under nnx.capture(model, nnx.Intermediate) (the train step), the balance loss is recorded
-    # for the training loss; a plain call records nothing.
-    if hasattr(self, "__captures__"):
-      self.sow(nnx.Intermediate, "balance_loss", balance, reduce_fn=lambda _, new: new)
+    if self.record_balance_loss:
+      self.sow(nnx.Intermediate, BALANCE_LOSS, balance, reduce_fn=lambda _, new: new)
     cast = lambda w: w[...].astype(self.dtype)
     out_ND = dispatch(
         x_ND.astype(self.dtype), experts_NK, gates_NK, cast(self.w1), cast(self.w3), cast(self.w2),

@@ -33,7 +33,8 @@ def _loss(graphdef, params, other, tokens_BT1, balance_coef: float = 0.0):
   model = nnx.merge(graphdef, params, other)
   inputs_BT = tokens_BT1[:, :-1]
   if balance_coef:  # only MoE models record anything the loss needs
-    logits_BTW, intermediates = nnx.capture(model, nnx.Intermediate)(inputs_BT)
+    view = nnx.view(model, record_balance_loss=True, raise_if_not_found=False)
+    logits_BTW, intermediates = nnx.capture(view, nnx.Intermediate)(inputs_BT)
     balance = balance_loss(intermediates)
   else:
     logits_BTW, balance = model(inputs_BT), jnp.float32(0)
@@ -61,7 +62,7 @@ def row_gradients(cfg: Config) -> bool:
   read in a micro-batch are at most a quarter of it: the compact rows cost a sort of the ids and a few passes over the rows, the (S, V)
   gradient a zeroed table, a scatter into it and a read of it in the update.
   """
-  if cfg.train.table_update == "sparse":
+  if cfg.optim.table_update == "sparse":
     return True
   if not cfg.model.memory.enabled:
     return False
@@ -77,8 +78,9 @@ def _row_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
   `RowGrads`, one per memory layer that reads it."""
 
   def rows_view(params, other):
-    model = nnx.merge(graphdef, params, other)
-    return nnx.view(model, only=ProductKeyMemory, sparse_table_grad=True)
+    model = nnx.view(nnx.merge(graphdef, params, other), only=ProductKeyMemory,
+                     sparse_table_grad=True)
+    return nnx.view(model, record_balance_loss=bool(balance_coef), raise_if_not_found=False)
 
   def loss(rest, probes, tables, other, tokens_BT1):
     view = rows_view(nnx.merge_state(rest, tables), other)
@@ -138,12 +140,12 @@ def make_train_step(
   finite (parameters and optimizer state unchanged; counted).
 
   `rows` forces the tables' gradient form (default: `row_gradients(cfg)`); the update's maths
-  stay `train.table_update`'s either way."""
+  stay `optim.table_update`'s either way."""
   accum = cfg.train.grad_accum
   coef = cfg.model.moe.balance_coef if cfg.model.moe.layers else 0.0
   by_rows = row_gradients(cfg) if rows is None else rows
-  if cfg.train.table_update == "sparse" and not by_rows:
-    raise ValueError("train.table_update=sparse needs the tables' gradient as rows")
+  if cfg.optim.table_update == "sparse" and not by_rows:
+    raise ValueError("optim.table_update=sparse needs the tables' gradient as rows")
   if by_rows:
     grad_fn = _row_grad_fn(graphdef, coef)
   else:
@@ -212,11 +214,11 @@ def jit_train_step(
   from memjax.training import state as state_lib
 
   schedule = optim.lr_multiplier(
-      cfg.train.steps, cfg.train.warmup, cfg.train.lr_min_ratio, cfg.train.scheduler
+      cfg.train.steps, cfg.optim.warmup, cfg.optim.lr_min_ratio, cfg.optim.scheduler
   )
   train_step = make_train_step(
       cfg, state_lib.model_graphdef(cfg), optim.make_optimizer(cfg),
-      lambda step: cfg.train.lr * schedule(step), rows,
+      lambda step: cfg.optim.lr * schedule(step), rows,
   )
   shardings = state_lib.state_shardings(cfg, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -241,7 +243,10 @@ def make_eval_step(cfg: Config, graphdef: nnx.GraphDef) -> Callable:
   del cfg
 
   def eval_step(params, other, tokens_BT1):
-    model = nnx.view(nnx.merge(graphdef, params, other), deterministic=True, raise_if_not_found=False)
+    model = nnx.view(
+        nnx.merge(graphdef, params, other), deterministic=True, record_selection=True,
+        raise_if_not_found=False,
+    )
     logits, selections = nnx.capture(model, nnx.Intermediate)(tokens_BT1[:, :-1])
     n_tokens = tokens_BT1[:, 1:].size
     return cross_entropy(logits, tokens_BT1[:, 1:]) * n_tokens, n_tokens, selections

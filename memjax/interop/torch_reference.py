@@ -1,9 +1,12 @@
-"""A small PyTorch oracle of the reference maths, for parity tests (spec 1.3, 5.2, 5.3).
+"""An independent PyTorch implementation of the reference's maths (spec 1.3, 5.2, 5.3): the parity
+oracle of memjax's tests and the PyTorch baseline of its benchmarks. Needs PyTorch
+(`pip install memjax[torch]`).
 
 Written from the spec, not from the reference code, and independent of memjax apart from its
 config dataclass. Module and parameter names are the reference's, so `state_dict()` is a
-reference-format state dict. The helpers at the bottom copy memjax (Flax NNX) parameters into
-it; they are test-only and deliberately do not use memjax.interop.
+reference-format state dict. `to_reference` and `load_into_oracle` copy memjax (Flax NNX)
+parameters into it by a mapping of their own, not `memjax.interop.torch_checkpoint`'s, so that the
+converter's tests compare against a second one.
 
 Axis letters as in memjax: B batch, T time, D model dim, N tokens, H heads, E half key dim,
 M sub-keys per half, K knn, V value dim, Z attention head dim.
@@ -212,37 +215,7 @@ class OracleTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# memjax <-> oracle (test-only; the product's converter is memjax.interop.torch_checkpoint).
-
-
-def build_random(factory, seed: int):
-  """The module `factory()` builds, with every parameter drawn from numpy instead of its init.
-
-  Built abstractly, so no PRNG program is compiled (the slow part of building small modules on
-  CPU). Scales keep scores O(1); biases and norm weights are random so that parity sees them.
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(factory))
-  rng = np.random.default_rng(seed)
-  for path, var in nnx.to_flat_state(state):
-    shape, dtype = var.get_value().shape, var.get_value().dtype
-    if isinstance(var, nnx.RngKey):
-      var.set_value(jax.random.key(seed))
-    elif isinstance(var, nnx.RngCount):
-      var.set_value(jnp.zeros(shape, dtype))
-    else:
-      name = path[-1]
-      if name == "kernel":  # (in, out)
-        value = rng.standard_normal(shape) * shape[0] ** -0.5
-      elif name == "keys":  # (H, 2, M, E)
-        value = rng.standard_normal(shape) * shape[-1] ** -0.5
-      elif name == "bias":
-        value = 0.5 * rng.standard_normal(shape)
-      elif name == "weight":  # RMSNorm
-        value = 1 + 0.2 * rng.standard_normal(shape)
-      else:  # embeddings and value tables
-        value = rng.standard_normal(shape)
-      var.set_value(jnp.asarray(value, dtype))
-  return nnx.merge(graphdef, state)
+# memjax -> oracle.
 
 
 def to_reference(tree) -> dict[str, np.ndarray]:
@@ -255,6 +228,8 @@ def to_reference(tree) -> dict[str, np.ndarray]:
       arr = np.broadcast_to(np.zeros((), arr.dtype), arr.shape)
     arr = np.asarray(arr)
     *parent, name = [str(p) for p in path]
+    # The selection's parameters sit at the layer's own level in the reference.
+    parent = [p for p in parent if p != "product_keys"]
     parent = ["query_proj.query_mlps.0" if p == "query_proj" else p for p in parent]
     if name == "kernel":  # Linear: (in, out) -> (out, in)
       name, arr = "weight", arr.T
@@ -276,16 +251,3 @@ def load_into_oracle(oracle: nn.Module, memjax_module) -> None:
     if name not in state and name.endswith("feed_forward.values.weight") and len(shared) == 1:
       state[name] = shared[0]  # the reference's aliases of the one shared table
   oracle.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
-
-
-def oracle_grads(oracle: nn.Module) -> dict[str, np.ndarray]:
-  """Gradients by reference name; a shared table appears once, under its first name."""
-  return {n: p.grad.detach().numpy() for n, p in oracle.named_parameters() if p.grad is not None}
-
-
-def relative_error(actual, expected) -> float:
-  """max|actual - expected| / max|expected|: a relative error that ignores tiny entries."""
-  actual = np.asarray(actual, np.float64)
-  expected = np.asarray(expected.detach() if torch.is_tensor(expected) else expected, np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))

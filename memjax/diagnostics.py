@@ -16,9 +16,11 @@ per head, from the slot selections of many eval batches:
 The numbers depend on the window: more tokens raise coverage and flatten the distributions, so
 compare runs over the same number of tokens (`memory/tokens`).
 
-Where selections come from: each memory layer records (slots_NHK int32, weights_NHK) of its last
-call as an `nnx.Intermediate`; `selections_from_state` reads them from the state of a forward
-(`nnx.capture`, `nnx.state` or `nnx.pop`), `collect_selections` runs a forward for them.
+Where selections come from: a memory layer viewed with `record_selection=True`
+(`nnx.view(model, record_selection=True, raise_if_not_found=False)`) records (slots_NHK int32,
+weights_NHK) of its last call as the `nnx.Intermediate` named `memjax.layers.memory.SELECTION`;
+`selections_from_state` reads them from the state of a forward (`nnx.capture`, `nnx.state` or
+`nnx.pop`), `collect_selections` runs a forward for them.
 
 Axis letters: N tokens (B*T), H memory heads, K slots read per head (knn), S slots (n_keys**2),
 B batch, T time.
@@ -35,6 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from memjax.layers.memory import SELECTION
 from memjax.model import Transformer, split_for_inference
 
 Selection = tuple[jax.Array, jax.Array]  # (slots_NHK int32, weights_NHK)
@@ -50,7 +53,7 @@ def selections_from_state(intermediates: nnx.State) -> dict[int, Selection]:
   """The memory layers' recorded selections in a state of intermediates, by block index."""
   selections = {}
   for path, variable in nnx.to_flat_state(intermediates):
-    if path[-1] == "selection" and path[0] == "layers":
+    if path[-1] == SELECTION and path[0] == "layers":
       slots_NHK, weights_NHK = variable.get_value()
       selections[int(path[1])] = (slots_NHK, weights_NHK)
   return dict(sorted(selections.items()))
@@ -66,7 +69,7 @@ def collect_selections(model: Transformer, tokens_BT: jax.Array) -> dict[int, Se
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _forward_selections(state, tokens_BT, *, graphdef):
-  model = nnx.merge(graphdef, state)
+  model = nnx.view(nnx.merge(graphdef, state), record_selection=True, raise_if_not_found=False)
   _, intermediates = nnx.capture(model, nnx.Intermediate)(tokens_BT)
   return selections_from_state(intermediates)
 

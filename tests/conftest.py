@@ -45,3 +45,9 @@ def fast_compile_module():
   """`fast_compile` for a whole module, its module-scoped fixtures included (they ask for it)."""
   with _most_optimizations_off():
     yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A module's TFDS data_dir: the knowledge corpora its tests build are shared by its tests."""
+  return tmp_path_factory.mktemp("tfds")

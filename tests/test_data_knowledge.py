@@ -80,11 +80,6 @@ def test_chance_levels():
     knowledge.chance_level("height")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
 def test_tfds_dataset_holds_the_corpus_and_reads_without_tensorflow(data_dir):
   path = knowledge.build_knowledge_dataset(12, 3, data_dir)
   assert path == data_dir / "memjax_knowledge" / "n12_seed3" / "1.0.0"

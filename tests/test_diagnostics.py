@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax import config
+from memjax import config_loading
 from memjax.diagnostics import (
     MemoryUsage, collect_selections, histograms, selections_from_state,
 )
+from memjax.layers.memory import SELECTION
 from memjax.model import Transformer
 
 STATS = (
@@ -151,13 +152,15 @@ def test_checks_what_it_is_given():
 # Selections from a model.
 
 
+TINY_MEMORY = [
+    "model.dim=32", "model.n_layers=3", "model.memory.layers=[0,2]", "model.memory.n_keys=8",
+    "model.memory.heads=2", "model.memory.knn=4", "model.memory.k_dim=16",
+]
+
+
 @pytest.mark.usefixtures("fast_compile")
 def test_collect_selections_on_a_tiny_memory_model():
-  cfg = config.load(
-      "tiny",
-      ["model.dim=32", "model.n_layers=3", "model.memory.layers=[0,2]", "model.memory.n_keys=8",
-       "model.memory.heads=2", "model.memory.knn=4", "model.memory.k_dim=16"],
-  ).model
+  cfg = config_loading.load("tiny", TINY_MEMORY).model
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, 258, (2, 5)), jnp.int32)
   selections = collect_selections(model, tokens_BT)
@@ -169,8 +172,9 @@ def test_collect_selections_on_a_tiny_memory_model():
     np.testing.assert_allclose(weights_NHK.sum(-1), 1.0, rtol=1e-6)
   assert not nnx.to_flat_state(nnx.state(model, nnx.Intermediate))  # nothing left on the model
 
-  # The same as what a plain forward records.
-  _, intermediates = nnx.capture(model, nnx.Intermediate)(tokens_BT)
+  # The same as what a forward of the recording view records.
+  view = nnx.view(model, record_selection=True)
+  _, intermediates = nnx.capture(view, nnx.Intermediate)(tokens_BT)
   recorded = selections_from_state(intermediates)
   for i in cfg.memory.layers:
     np.testing.assert_array_equal(selections[i][0], recorded[i][0])
@@ -181,3 +185,17 @@ def test_collect_selections_on_a_tiny_memory_model():
   summary = usage.summary()
   assert summary["memory/tokens"] == 10
   assert 0 < summary["memory/layer2/head1/coverage"] <= 40 / cfg.memory.n_slots
+
+
+@pytest.mark.usefixtures("fast_compile")
+def test_only_a_view_with_record_selection_records_the_selections():
+  model = Transformer(config_loading.load("tiny", TINY_MEMORY).model, rngs=nnx.Rngs(0))
+  tokens_BT = jnp.zeros((1, 4), jnp.int32)
+  _, intermediates = nnx.capture(model, nnx.Intermediate)(tokens_BT)
+  assert selections_from_state(intermediates) == {}
+  view = nnx.view(model, record_selection=True)
+  _, intermediates = nnx.capture(view, nnx.Intermediate)(tokens_BT)
+  recorded = nnx.to_flat_state(intermediates)
+  assert sorted(path[1] for path, _ in recorded if path[-1] == SELECTION) == [0, 2]
+  assert not nnx.to_flat_state(nnx.state(model, nnx.Intermediate))  # the model is unchanged
+  assert not any(model.layers[i].feed_forward.record_selection for i in (0, 2))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memjax import config
+from memjax import config_loading
 from memjax.generate import generate, greedy_complete, sample_tokens
 from memjax.model import Transformer, split_for_inference
 
@@ -28,7 +28,7 @@ MAX_NEW = 8
 
 @functools.cache
 def make_model(kind: str) -> Transformer:
-  cfg = config.load("tiny", [*SMALL, LAYERS[kind]])
+  cfg = config_loading.load("tiny", [*SMALL, LAYERS[kind]])
   return Transformer(cfg.model, rngs=nnx.Rngs(0))
 
 
@@ -39,13 +39,12 @@ def greedy_rows(kind: str) -> list[list[int]]:
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def full_logits(state, tokens_BT, *, graphdef):
-  # nnx.capture without variable types: the memory layers' recorded selections are dropped.
-  return nnx.capture(nnx.merge(graphdef, state))(tokens_BT)
+  return nnx.merge(graphdef, state)(tokens_BT)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def extend(state, tokens_BT, cache, n_valid_B, *, graphdef):
-  return nnx.capture(nnx.merge(graphdef, state).extend)(tokens_BT, cache, n_valid_B)
+  return nnx.merge(graphdef, state).extend(tokens_BT, cache, n_valid_B)
 
 
 def max_relative_error(a, b) -> float:

@@ -2,7 +2,6 @@
 
 import dataclasses
 import importlib.util
-import json
 import pathlib
 
 import jax
@@ -10,28 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax import config, generate, optim, sharding
+from memjax import generate, optim, sharding
 from memjax.training import loop, state as state_lib, step as step_lib
 
+from support.training import SMOKE, logged, smoke_config
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-# A small memory model and a 24-person corpus: every test run takes seconds.
-SMOKE = [
-    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.memory.layers=[1]",
-    "model.memory.n_keys=16", "model.memory.knn=4", "model.memory.heads=2",
-    "model.memory.k_dim=32", "model.max_seqlen=64", "data.people=24", "train.batch_size=8",
-    "train.seq_len=32", "train.steps=6", "train.warmup=2", "train.log_every=1",
-    "train.eval_every=3", "train.eval_batches=1", "train.probes=12", "train.checkpoint_every=3",
-]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-def smoke_config(data_dir, *overrides):
-  return config.load("tiny", [*SMOKE, f"data.data_dir={data_dir}", *overrides])
 
 
 def load_train_module():
@@ -39,11 +22,6 @@ def load_train_module():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-def logged(run_dir, key):
-  lines = (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-  return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
 
 
 def test_cli_trains_evaluates_saves_and_generates(tmp_path, data_dir, capsys):
@@ -55,6 +33,8 @@ def test_cli_trains_evaluates_saves_and_generates(tmp_path, data_dir, capsys):
   assert "compiled train step" in text and "optimizer state" in text and "temporaries" in text
   assert "eval loss" in text and "memory: layer1/coverage" in text
   assert "fact recall" in text and "(chance " in text
+  summary = [line for line in text.splitlines() if line.startswith("summary: ")]
+  assert len(summary) == 1 and "eval loss" in summary[0] and "fact recall" in summary[0], summary
   assert "100%" in out.err  # the progress bar
   losses = logged(run_dir, "train/loss")
   assert sorted(losses) == list(range(1, 7)) and all(0 < x < 10 for x in losses.values())

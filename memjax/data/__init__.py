@@ -7,7 +7,6 @@
     tokenizers.py  text <-> ids: bytes (the reference's), SentencePiece, tiktoken; BOS and EOS ids
     pipeline.py    grain: shard -> shuffle per epoch -> tokenize, BOS doc EOS -> pack rows of
                    seq_len + 1 tokens (overlapping by one) -> batches; resumable, deterministic
-    files.py       train.py's first whole-corpus byte reader, until it moves to the pipeline
 
 A training run: `build_knowledge_dataset` (once) or a prepared dataset of one's own, then
 `tfds_source` / `file_source` -> `make_tokenizer` -> `make_batches` (train, resumable through the
@@ -15,7 +14,6 @@ iterator's `get_state`/`set_state`) and `eval_batches` (eval loss, on a held-out
 `split_heldout`); `probes`, `probe_ids` and `chance_level` score fact recall.
 """
 
-from memjax.data.files import BOS, EOS, default_globs, random_windows, read_corpus
 from memjax.data.knowledge import (
     ATTRIBUTES,
     Person,
@@ -47,10 +45,9 @@ from memjax.data.tokenizers import (
 )
 
 __all__ = [
-    "ATTRIBUTES", "BOS", "ByteTokenizer", "DataError", "DocumentSource", "EOS", "Person", "Probe",
+    "ATTRIBUTES", "ByteTokenizer", "DataError", "DocumentSource", "Person", "Probe",
     "SentencePieceTokenizer", "ShardGroup", "TOKENIZER_KINDS", "TiktokenTokenizer", "Tokenizer",
     "biographies", "biography", "build_knowledge_dataset", "chance_level", "dataset_name",
-    "default_globs", "eval_batches", "file_source", "make_batches", "make_people",
-    "make_shard_group", "make_tokenizer", "probe_ids", "probes", "random_windows", "read_corpus",
-    "split_heldout", "tfds_source",
+    "eval_batches", "file_source", "make_batches", "make_people", "make_shard_group",
+    "make_tokenizer", "probe_ids", "probes", "split_heldout", "tfds_source",
 ]

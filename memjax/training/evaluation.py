@@ -1,4 +1,10 @@
-"""Eval: held-out loss and perplexity, fact recall on the knowledge probes, memory diagnostics.
+"""The evals a run schedules: held-out loss and perplexity, fact recall, memory usage.
+
+Each eval is an object with a `name` that computes its metrics from an `EvalContext` and formats
+its own log lines and its part of the run's summary line; `make_evals` lists those a run has.
+The training loop only schedules them. An `EvalContext` is one evaluation of one model state:
+work that several evals need (the eval batches' forward pass, read by the held-out loss and the
+memory usage) runs there at most once.
 
 Fact recall is greedy decoding of the answer, scored by exact match. It is computed in one
 teacher-forced pass: greedy decoding reproduces the answer's tokens exactly when, at every answer
@@ -8,32 +14,170 @@ position, the argmax next token given the prompt and the answer so far is the an
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
-from typing import Callable, Sequence
+import math
+from typing import Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from memjax import data, diagnostics
-from memjax.config import Config
+from memjax import data, diagnostics, sharding
+from memjax.config import Config, MemoryConfig
+from memjax.training.inputs import Inputs
+from memjax.training.state import TrainState
+
+Metrics = dict[str, float]
 
 
-def eval_loss(
-    eval_step: Callable, params, other, batches: Sequence[np.ndarray], usage=None
-) -> dict[str, float]:
-  """Mean token loss and perplexity over fixed batches; feeds the selections to `usage`."""
-  if not batches:
-    return {}
-  total, count = 0.0, 0
-  for batch in batches:
-    loss_sum, n, selections = eval_step(params, other, jnp.asarray(batch))
-    total, count = total + float(loss_sum), count + int(n)
-    if usage is not None:
-      usage.update(diagnostics.selections_from_state(selections))
-  loss = total / max(count, 1)
-  return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0)))}
+@dataclasses.dataclass(frozen=True)
+class HeldOutPass:
+  """What the eval batches' forward pass gives: the summed token loss, the token count, and
+  (memory models) the slot usage of their reads."""
+
+  loss_sum: float
+  tokens: int
+  usage: diagnostics.MemoryUsage | None
+
+
+class EvalContext:
+  """One evaluation of `state`: its evals share the eval batches' forward pass, run on first use.
+
+  `eval_step(params, other, tokens_BT1) -> (summed loss, token count, intermediates)` is
+  `step.make_eval_step`, jitted; `batches` are the placed eval batches.
+  """
+
+  def __init__(
+      self, state: TrainState, *, eval_step: Callable, batches: Sequence[jax.Array],
+      memory: MemoryConfig,
+  ):
+    self.state = state
+    self._eval_step, self._batches, self._memory = eval_step, batches, memory
+
+  @functools.cached_property
+  def heldout(self) -> HeldOutPass:
+    """The pass over the eval batches. Each batch's selections feed the usage histograms and are
+    dropped, so the pass holds one batch's at a time."""
+    usage = None
+    if self._memory.enabled:
+      usage = diagnostics.MemoryUsage(
+          layers=self._memory.layers, heads=self._memory.heads, n_slots=self._memory.n_slots
+      )
+    total, count = 0.0, 0
+    for batch in self._batches:
+      loss_sum, n, intermediates = self._eval_step(self.state.params, self.state.other, batch)
+      total, count = total + float(loss_sum), count + int(n)
+      if usage is not None:
+        usage.update(diagnostics.selections_from_state(intermediates))
+    return HeldOutPass(total, count, usage)
+
+
+class Eval(Protocol):
+  """One eval. `lines` and `summary` read the metrics its own call returned."""
+
+  name: str
+
+  def __call__(self, ctx: EvalContext) -> Metrics: ...
+
+  def lines(self, metrics: Metrics) -> list[str]:
+    """Its log lines (none for empty metrics)."""
+    ...
+
+  def summary(self, metrics: Metrics) -> str:
+    """Its part of the run's final summary line; "" for none."""
+    ...
+
+
+def make_evals(
+    cfg: Config, inputs: Inputs, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh
+) -> list[Eval]:
+  """The evals this run's config and inputs allow, in the order their lines print."""
+  evals: list[Eval] = []
+  if inputs.eval_batches:
+    evals.append(HeldOutLoss())
+  if inputs.probes:
+    forward = make_forward(graphdef, out_sharding=sharding.replicated(mesh))
+    evals.append(
+        FactRecall(
+            forward, inputs.probes, inputs.tokenizer, chance=inputs.chance,
+            max_len=cfg.model.max_seqlen,
+            # Rows a multiple of the devices, so that the lookup splits the tokens evenly.
+            batch_size=math.lcm(64, jax.device_count()),
+        )
+    )
+  if inputs.eval_batches and cfg.model.memory.enabled:
+    evals.append(SlotUsage())
+  return evals
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out loss.
+
+
+class HeldOutLoss:
+  """Mean token loss and perplexity over the eval batches."""
+
+  name = "heldout"
+
+  def __call__(self, ctx: EvalContext) -> Metrics:
+    heldout = ctx.heldout
+    if not heldout.tokens:
+      return {}
+    loss = heldout.loss_sum / heldout.tokens
+    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0)))}
+
+  def lines(self, metrics: Metrics) -> list[str]:
+    if not metrics:
+      return []
+    return [f"eval loss {metrics['eval/loss']:.4f} (perplexity {metrics['eval/perplexity']:.2f})"]
+
+  def summary(self, metrics: Metrics) -> str:
+    return f"eval loss {metrics['eval/loss']:.4f}" if metrics else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Fact recall.
+
+
+class FactRecall:
+  """Share of the knowledge probes whose answer greedy decoding reproduces exactly, overall and
+  per attribute, beside chance.
+
+  `forward(params, other, tokens_BT) -> logits_BTW` is jitted (`make_forward`); rows are padded to
+  one width and `batch_size` rows, so it compiles once.
+  """
+
+  name = "recall"
+
+  def __init__(
+      self, forward: Callable, probes: Sequence[data.Probe], tokenizer: data.Tokenizer, *,
+      chance: dict[str, float], max_len: int, batch_size: int = 64,
+  ):
+    self.forward, self.probes, self.tokenizer = forward, list(probes), tokenizer
+    self.chance, self.max_len, self.batch_size = chance, max_len, batch_size
+
+  def __call__(self, ctx: EvalContext) -> Metrics:
+    params, other = ctx.state.params, ctx.state.other
+    return fact_recall(
+        lambda tokens_BT: self.forward(params, other, tokens_BT), self.probes, self.tokenizer,
+        chance=self.chance, batch_size=self.batch_size, max_len=self.max_len,
+    )
+
+  def lines(self, metrics: Metrics) -> list[str]:
+    if not metrics:
+      return []
+    per = ", ".join(
+        f"{k.split('/', 1)[1]} {v:.0%}" for k, v in metrics.items()
+        if k not in ("recall/all", "recall/chance")
+    )
+    return [f"{self.summary(metrics)}; {per}"]
+
+  def summary(self, metrics: Metrics) -> str:
+    if not metrics:
+      return ""
+    return f"fact recall {metrics['recall/all']:.1%} (chance {metrics['recall/chance']:.1%})"
 
 
 def _probe_rows(probe_ids, tokenizer, width: int):
@@ -49,7 +193,7 @@ def _probe_rows(probe_ids, tokenizer, width: int):
 def fact_recall(
     forward: Callable, probes, tokenizer, *, chance: dict[str, float], batch_size: int = 64,
     max_len: int,
-) -> dict[str, float]:
+) -> Metrics:
   """Share of probes whose answer greedy decoding reproduces exactly, overall and per attribute.
 
   `forward(tokens_BT) -> logits_BTW` (jitted by the caller); rows are padded to one width so it
@@ -95,17 +239,27 @@ def make_forward(graphdef: nnx.GraphDef, out_sharding=None) -> Callable:
   return forward
 
 
-def recall_chance_note(metrics: dict[str, float]) -> str:
-  if "recall/all" not in metrics:
+# ----------------------------------------------------------------------------------------------
+# Memory usage.
+
+
+class SlotUsage:
+  """How evenly the memory layers read their slots over the eval batches (`memjax.diagnostics`):
+  per layer and head, coverage, KL from uniform, Gini and the slots holding each weight share."""
+
+  name = "memory"
+
+  def __call__(self, ctx: EvalContext) -> Metrics:
+    usage = ctx.heldout.usage
+    return usage.summary() if usage is not None else {}
+
+  def lines(self, metrics: Metrics) -> list[str]:
+    # The per-layer figures (memory/layerI/STAT); the per-head ones go to the metrics file only.
+    layers = sorted(k for k in metrics if k.count("/") == 2)
+    if not layers:
+      return []
+    return ["memory: " + ", ".join(f"{k[len('memory/'):]} {metrics[k]:.3g}" for k in layers)]
+
+  def summary(self, metrics: Metrics) -> str:
+    del metrics
     return ""
-  return f"fact recall {metrics['recall/all']:.1%} (chance {metrics['recall/chance']:.1%})"
-
-
-def memory_usage_for(cfg: Config):
-  if not cfg.model.memory.enabled:
-    return None
-  return diagnostics.MemoryUsage(
-      layers=tuple(cfg.model.memory.layers),
-      heads=cfg.model.memory.heads,
-      n_slots=cfg.model.memory.n_slots,
-  )

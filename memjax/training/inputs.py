@@ -1,21 +1,20 @@
 """What a run reads, from `cfg.data`: the tokenizer, the train iterator, eval batches, probes.
 
-The knowledge corpus is built once per size under `data.data_dir` (default
-`~/.cache/memjax/tensorflow_datasets`) and read back through TFDS like any other dataset. Its
-held-out text for the eval loss is the same people's biographies with their sentences in another
-order: the facts are the ones trained on, the word sequences are new. Fact recall is scored on
-completion probes of those facts.
+The knowledge corpus is built once per size under `data.data_dir` (default: `tensorflow_datasets`
+in memjax's cache directory, `memjax.cache`) and read back through TFDS like any other dataset.
+Its held-out text for the eval loss is the same people's biographies with their sentences in
+another order: the facts are the ones trained on, the word sequences are new. Fact recall is
+scored on completion probes of those facts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
 
 import numpy as np
 
 from memjax import data
+from memjax.cache import cache_dir
 from memjax.config import Config, ConfigError
 
 # The knowledge corpus's people are drawn from this seed whatever the run's seed: runs with
@@ -36,10 +35,8 @@ class Inputs:
 
 
 def knowledge_dir(cfg: Config) -> str:
-  if cfg.data.data_dir:
-    return cfg.data.data_dir
-  base = os.environ.get("MEMJAX_CACHE_DIR") or pathlib.Path.home() / ".cache" / "memjax"
-  return str(pathlib.Path(base) / "tensorflow_datasets")
+  """Where the knowledge corpus is built: `data.data_dir`, else the cache's TFDS folder."""
+  return cfg.data.data_dir or str(cache_dir("tensorflow_datasets"))
 
 
 def _quiet_tfds() -> None:

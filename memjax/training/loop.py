@@ -14,7 +14,7 @@ import pathlib
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -119,40 +119,22 @@ def _global_batch(run: Run, local_BT1: np.ndarray) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding.batch_sharding(run.mesh), local_BT1)
 
 
-def evaluate(run: Run, eval_step, forward) -> dict[str, float]:
-  state, inputs, cfg = run.state, run.inputs, run.cfg
-  usage = evaluation.memory_usage_for(cfg)
-  batches = [_global_batch(run, batch) for batch in inputs.eval_batches]
-  metrics = evaluation.eval_loss(eval_step, state.params, state.other, batches, usage)
-  if inputs.probes:
-    metrics.update(
-        evaluation.fact_recall(
-            lambda tokens: forward(state.params, state.other, tokens), inputs.probes,
-            inputs.tokenizer, chance=inputs.chance, max_len=cfg.model.max_seqlen,
-            # Rows a multiple of the devices, so that the lookup splits the tokens evenly.
-            batch_size=math.lcm(64, jax.device_count()),
-        )
-    )
-  if usage is not None:
-    metrics.update(usage.summary())
-  return metrics
+def evaluate(
+    run: Run, evals: list[evaluation.Eval], eval_step: Callable, batches: list[jax.Array]
+) -> dict[str, dict[str, float]]:
+  """Runs every eval on the current state, through one shared context; metrics by eval name."""
+  ctx = evaluation.EvalContext(
+      run.state, eval_step=eval_step, batches=batches, memory=run.cfg.model.memory
+  )
+  return {ev.name: ev(ctx) for ev in evals}
 
 
-def _eval_lines(metrics: dict[str, float]) -> list[str]:
-  lines = []
-  if "eval/loss" in metrics:
-    lines.append(f"eval loss {metrics['eval/loss']:.4f} (perplexity {metrics['eval/perplexity']:.2f})")
-  note = evaluation.recall_chance_note(metrics)
-  if note:
-    per = ", ".join(
-        f"{k.split('/', 1)[1]} {v:.0%}" for k, v in metrics.items()
-        if k.startswith("recall/") and k not in ("recall/all", "recall/chance")
-    )
-    lines.append(f"{note}; {per}")
-  memory = sorted(k for k in metrics if k.startswith("memory/") and k.count("/") == 2)
-  if memory:
-    lines.append("memory: " + ", ".join(f"{k[len('memory/'):]} {metrics[k]:.3g}" for k in memory))
-  return lines
+def _merged(results: dict[str, dict[str, float]]) -> dict[str, float]:
+  return {k: v for metrics in results.values() for k, v in metrics.items()}
+
+
+def _eval_lines(evals: list[evaluation.Eval], results: dict[str, dict[str, float]]) -> list[str]:
+  return [line for ev in evals for line in ev.lines(results[ev.name])]
 
 
 def _quiet(line: str) -> None:
@@ -161,7 +143,7 @@ def _quiet(line: str) -> None:
 
 def run(
     cfg: Config, run_dir: str | pathlib.Path, log: Callable[[str], None] = print
-) -> dict[str, Any]:
+) -> dict[str, float]:
   """Trains `cfg` in `run_dir` (resuming when it holds checkpoints); returns the final metrics.
 
   `train.stop_after` ends this invocation after that many steps with a checkpoint, as a
@@ -180,13 +162,14 @@ def run(
 
 def _run(
     cfg: Config, run_dir: pathlib.Path, mesh: jax.sharding.Mesh, log: Callable[[str], None]
-) -> dict[str, Any]:
+) -> dict[str, float]:
   run = setup(cfg, run_dir, mesh, log)
   graphdef = state_lib.model_graphdef(cfg)
   compiled, memory_line = compile_train_step(run)
   log(memory_line)
+  evals = evaluation.make_evals(cfg, run.inputs, graphdef, run.mesh)
   eval_step = jax.jit(step_lib.make_eval_step(cfg, graphdef))
-  forward = evaluation.make_forward(graphdef, out_sharding=sharding.replicated(run.mesh))
+  eval_batches = [_global_batch(run, batch) for batch in run.inputs.eval_batches]
   n_params = sum(x.size for x in jax.tree.leaves(run.state.params))
   log(f"model: {n_params / 1e6:.2f}M parameters; data: {run.inputs.description}; run dir: {run_dir}")
 
@@ -194,7 +177,7 @@ def _run(
   writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, primary=primary)
   train = cfg.train
   tokens_per_step = train.batch_size * train.seq_len
-  final: dict[str, Any] = {}
+  results: dict[str, dict[str, float]] = {}  # the last evaluation's, by eval name
   last_loss = math.nan
   started = time.perf_counter()
   try:
@@ -236,21 +219,21 @@ def _run(
         if int(run.state.bad_steps) >= train.nan_patience:
           raise NonFiniteLoss(
               f"{train.nan_patience} steps in a row had a non-finite loss or gradient (step "
-              f"{step}); their updates were skipped. Lower train.lr, raise train.warmup, or use "
+              f"{step}); their updates were skipped. Lower optim.lr, raise optim.warmup, or use "
               "float32 compute (model.dtype=float32). The last checkpoint is kept."
           )
         if step % train.eval_every == 0 or step == train.steps:
-          final = evaluate(run, eval_step, forward)
-          writer.write(step, final)
-          for line in _eval_lines(final):
+          results = evaluate(run, evals, eval_step, eval_batches)
+          writer.write(step, _merged(results))
+          for line in _eval_lines(evals, results):
             say(f"step {step}: {line}")
         run.checkpointer.save(
             step, run.state, run.inputs.train.get_state(), cfg, force=step == last
         )
     if run.start_step >= train.steps:
       log(f"{run_dir} already holds the final step {train.steps}; evaluating it")
-      final = evaluate(run, eval_step, forward)
-      for line in _eval_lines(final):
+      results = evaluate(run, evals, eval_step, eval_batches)
+      for line in _eval_lines(evals, results):
         log(line)
   finally:
     run.checkpointer.wait_until_finished()
@@ -262,16 +245,13 @@ def _run(
   summary = [f"{steps_run} steps in {time.perf_counter() - started:.0f}s"]
   if steps_run:
     summary.append(f"train loss {last_loss:.4f}")
-  if "eval/loss" in final:
-    summary.append(f"eval loss {final['eval/loss']:.4f}")
-  if "recall/all" in final:
-    summary.append(evaluation.recall_chance_note(final))
+  summary += [part for ev in evals if (part := ev.summary(results.get(ev.name, {})))]
   log("summary: " + "; ".join(summary))
   log(
       f"done: step {int(run.state.step)} of {train.steps}; checkpoints in {run.checkpointer.directory}, metrics in "
       f"{writer.path}" + (f", TensorBoard in {run_dir / 'tensorboard'}" if train.tensorboard else "")
   )
-  return final
+  return _merged(results)
 
 
 def default_run_dir(config_name: str) -> pathlib.Path:

@@ -1,8 +1,9 @@
 """Compiles `lookup.cc` against the installed jaxlib's FFI headers, once per machine.
 
-The library is built on first use with the system C++ compiler and cached under
-`$MEMJAX_CACHE_DIR` (default `~/.cache/memjax`), keyed by the source, the jaxlib version, the
-compiler and the CPU, so a cached build never runs on a machine it was not built for.
+The library is built on first use with the system C++ compiler and cached in memjax's cache
+directory (`memjax.cache`: `$MEMJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/memjax`, else
+`~/.cache/memjax`), keyed by the source, the jaxlib version, the compiler and the CPU, so a
+cached build never runs on a machine it was not built for.
 `MEMJAX_CPU_KERNELS=0` turns the kernels off; without a compiler they are simply unavailable and
 the pure-JAX path is used.
 """
@@ -22,25 +23,15 @@ import tempfile
 import jax
 import jaxlib
 
+from memjax.cache import cache_dir
+from pallas_kernels.impls import Unavailable
+
 SOURCE = pathlib.Path(__file__).with_name("lookup.cc")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 
 
-class BuildError(RuntimeError):
+class BuildError(Unavailable):
   """The CPU kernels could not be built or loaded; the message says why."""
-
-  deliberate = False  # True when the user turned them off: no warning is due
-
-
-class Disabled(BuildError):
-  deliberate = True
-
-
-def cache_dir() -> pathlib.Path:
-  if "MEMJAX_CACHE_DIR" in os.environ:
-    return pathlib.Path(os.environ["MEMJAX_CACHE_DIR"])
-  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-  return pathlib.Path(base) / "memjax"
 
 
 def _cpu_signature() -> str:
@@ -87,7 +78,7 @@ def _compile(target: pathlib.Path) -> None:
 def load() -> ctypes.CDLL:
   """The compiled library, built now if no cached build fits. Raises BuildError."""
   if os.environ.get("MEMJAX_CPU_KERNELS", "1") == "0":
-    raise Disabled("turned off by MEMJAX_CPU_KERNELS=0")
+    raise BuildError("turned off by MEMJAX_CPU_KERNELS=0", deliberate=True)
   path = _library_path()
   if not path.exists():
     _compile(path)

@@ -70,9 +70,10 @@ print(embedding_bag(jnp.ones((64, 32)), jnp.zeros((4, 3), jnp.int32), jnp.ones((
   fi
 fi
 
-# 2. GPU tests.
+# 2. GPU tests: the triton kernels' own, and the lookup contract for the triton impl.
 stamp "GPU tests"
-timeout 100 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton.py 2>&1 \
+timeout 180 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton.py \
+  tests/test_lookup_contract.py 2>&1 \
   | tee "$OUT/pytest_gpu.log"
 tests_rc=${PIPESTATUS[0]}
 

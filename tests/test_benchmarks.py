@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from lookup_impls import IMPLS
+from support.lookup import IMPLS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

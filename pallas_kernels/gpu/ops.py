@@ -60,7 +60,8 @@ def _default_block_v(dim: int) -> int:
 
 def _warps_for_16_byte_loads(block_v: int, itemsize: int) -> int:
   """Warps that give each thread 16 bytes of a BLOCK_V row (1 to 8): the backward's programs
-  are short and latency-bound, and narrower per-thread loads were 3x slower on an H200."""
+  are short and latency-bound, and the width a thread loads decides their time (the timed
+  variants are in docs/results.md, GPU section)."""
   return max(1, min(8, block_v * itemsize // (16 * 32)))
 
 
@@ -158,7 +159,7 @@ def backward_launch(
   if num_warps is None:
     num_warps = _warps_for_16_byte_loads(block_v, dout_NV.dtype.itemsize)
   if block_j is None:
-    # About a row's lookups at once: at 4 a row (the paper's shape) 4 beat 8 by 1.3x on an H200.
+    # About a row's lookups at once (docs/results.md times both at the paper's shape).
     block_j = 4 if idx_NK.size <= 4 * n_slots else 8
   for name, value in (("block_r", block_r), ("block_j", block_j), ("block_v", block_v),
                       ("num_warps", num_warps)):

@@ -19,9 +19,9 @@ def _interpreted(kernel, twin, *args, **kwargs):
   """`kernel` in interpret mode; inside shard_map, its pure-JAX twin.
 
   Pallas's plain interpreter loses its operands' varying-axes types inside shard_map, which
-  jax 0.10 rejects; the TPU interpreter's callbacks cannot sit in `platform_dependent` (and on 8
-  simulated devices under shard_map did not finish a toy lookup in 10 minutes here). So a sharded
-  lookup off TPU computes the same sums with XLA ops; on TPU the kernels run everywhere.
+  jax 0.10 rejects; the TPU interpreter's callbacks cannot sit in `platform_dependent` (and it
+  is far too slow on simulated devices under shard_map to serve). So a sharded lookup off TPU
+  computes the same sums with XLA ops; on TPU the kernels run everywhere.
   """
   if varying_axes(*args):
     return twin(*args, **kwargs)

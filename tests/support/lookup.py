@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from memjax.ops import dispatch, unavailable_reason
-
-AXES = ("data", "fsdp", "memory")  # as memjax.sharding names the mesh axes
-MEMORY = "memory"
+from memjax.sharding import AXES, MEMORY
 from pallas_kernels import impls
 
 # float32 sums in another order than the reference: a few ulps of the terms' magnitude (the

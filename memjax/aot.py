@@ -82,14 +82,23 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:,.2f} GiB"
 
 
+def _tpu_impls(cfg: config_lib.Config) -> config_lib.Config:
+  """`cfg` with "auto" lookup impls as a TPU run resolves them, not as this machine would."""
+  model = cfg.model
+  for section in ("memory", "peer"):
+    layer = getattr(model, section)
+    if layer.impl == "auto":
+      model = dataclasses.replace(
+          model, **{section: dataclasses.replace(layer, impl=ops.auto_impl("tpu"))})
+  return dataclasses.replace(cfg, model=model)
+
+
 def compile_for(cfg: config_lib.Config, topology: str) -> dict:
   """Compiles cfg's train step for `topology`; returns the per-device figures."""
   from jax.experimental import topologies
 
   libtpu_name, generation, chips = parse_topology(topology)
-  if cfg.model.memory.impl == "auto":  # what `auto` picks on the TPU, not on this machine
-    memory_cfg = dataclasses.replace(cfg.model.memory, impl=ops.auto_impl("tpu"))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=memory_cfg))
+  cfg = _tpu_impls(cfg)
   topo = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name)
   devices = topo.devices
   mesh = sharding.make_mesh(cfg.mesh, devices)

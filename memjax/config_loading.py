@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pathlib
 import re
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -91,14 +91,19 @@ def _load_yaml(path: pathlib.Path):
       return OmegaConf.create(yaml.load(f, Loader=_PlaceholderTagLoader) or {})
 
 
-def load_dict(path: str | pathlib.Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-  """Parses a YAML file and merges dotted `key=value` overrides into it (no validation yet)."""
-  base = _load_yaml(resolve_path(path)) if path is not None else OmegaConf.create({})
+def merge_overrides(base: Any, overrides: Sequence[str] = ()) -> dict:
+  """`base` (a dict or an OmegaConf node) with dotted `key=value` overrides merged in."""
   for item in overrides:
     if "=" not in item:
       raise ConfigError(item, "overrides are written key=value, e.g. model.dim=256")
-  merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+  merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(list(overrides)))
   return OmegaConf.to_container(merged, resolve=True)
+
+
+def load_dict(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> dict:
+  """Parses a YAML file and merges dotted `key=value` overrides into it (no validation yet)."""
+  base = _load_yaml(resolve_path(path)) if path is not None else {}
+  return merge_overrides(base, overrides)
 
 
 def load(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from omegaconf import OmegaConf
-
+from memjax import config_loading
 from memjax.config import Config, ConfigError, ModelConfig, from_dict
 from memjax.interop import lingua
 from memjax.layers.memory import ProductKeyMemory
@@ -217,11 +216,7 @@ def load_consolidated(
     data = lingua.to_memjax(json.loads(params.read_text()))
   except ConfigError as e:
     raise ConfigError(e.field, f"{e.detail} (in {params})") from None
-  for item in overrides:
-    if "=" not in item:
-      raise ConfigError(item, "overrides are written key=value, e.g. model.dtype=bfloat16")
-  merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides)))
-  cfg = from_dict(Config, OmegaConf.to_container(merged))
+  cfg = from_dict(Config, config_loading.merge_overrides(data, overrides))
 
   checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
   state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None

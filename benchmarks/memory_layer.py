@@ -162,8 +162,8 @@ def main() -> None:
       f"k_dim={shape['k_dim']}, float32, memjax impl {impl}, {os.cpu_count()} CPUs, torch threads "
       f"{torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}"
   )
-  print(f"| pass | memjax (s) | torch oracle (s) | speedup |")
-  print(f"|---|---|---|---|")
+  print("| pass | memjax (s) | torch oracle (s) | speedup |")
+  print("|---|---|---|---|")
   for name, key in passes:
     print(
         f"| {name} | {results[f'memjax_{key}_s']:.4f} | {results[f'torch_{key}_s']:.4f} | "

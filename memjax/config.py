@@ -66,7 +66,7 @@ def _check_layers(layers: tuple[int, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
-  """The product-key memory layers (spec 1.1). N slots = n_keys**2; V = v_dim; K = knn."""
+  """The product-key memory layers (spec 1.1). S slots = n_keys**2; V = v_dim; K = knn."""
 
   layers: tuple[int, ...] = ()  # 0-based blocks whose FFN becomes a memory layer; () = dense model
   n_keys: int = 1024  # sub-keys per half; slots = n_keys**2
@@ -108,10 +108,10 @@ class MemoryConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-  """Routed mixture-of-experts FFN baseline (memjax.layers.moe). E experts, k of them per token."""
+  """Routed mixture-of-experts FFN baseline (memjax.layers.moe). X experts, k of them per token."""
 
   layers: tuple[int, ...] = ()  # 0-based blocks whose FFN becomes an MoE; () = none
-  experts: int = 8  # E SwiGLU experts per layer
+  experts: int = 8  # X SwiGLU experts per layer
   top_k: int = 2  # experts per token; their gates are the router's softmax renormalised over k
   hidden_dim: int = -1  # each expert's SwiGLU hidden size; -1 = the dense FFN's
   balance_coef: float = 0.01  # weight of the load-balancing loss added to the training loss
@@ -137,7 +137,7 @@ class MoEConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PEERConfig:
-  """PEER baseline (memjax.layers.peer, spec 1.3 `peer_variant`): product keys pick K of N
+  """PEER baseline (memjax.layers.peer, spec 1.3 `peer_variant`): product keys pick K of S
   single-neuron experts per head; expert i is (u_i, v_i), out = sum_k w_k gelu(<x, u_k>) v_k."""
 
   layers: tuple[int, ...] = ()  # 0-based blocks whose FFN becomes a PEER layer; () = none

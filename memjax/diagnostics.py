@@ -22,8 +22,8 @@ weights_NHK) of its last call as the `nnx.Intermediate` named `memjax.layers.mem
 `selections_from_state` reads them from the state of a forward (`nnx.capture`, `nnx.state` or
 `nnx.pop`), `collect_selections` runs a forward for them.
 
-Axis letters: N tokens (B*T), H memory heads, K slots read per head (knn), S slots (n_keys**2),
-B batch, T time.
+Axis letters (see memjax): N tokens (B*T), H memory heads, K slots read per head (knn), S slots
+(n_keys**2), B batch, T time.
 """
 
 from __future__ import annotations

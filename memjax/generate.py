@@ -14,7 +14,8 @@ shifts rotary angles and a row decodes as it would alone (up to rounding of batc
 Compiled programs are keyed by batch size, the bucketed prompt length, max_new_tokens, greedy or
 not, and the number of stop ids; temperature and top_p are traced and change nothing.
 
-Axis letters: B batch, P padded prompt length, N new tokens, W vocabulary, S stop ids.
+Axis letters (see memjax): B batch, P padded prompt positions, T time (the new tokens), W
+vocabulary.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _run(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, rng) -
     row[: len(p)] = p
   lengths_B = np.array([len(p) for p in prompts], np.int32)
   graphdef, state = split_for_inference(model)
-  new_BN, count_B = _decode(
+  new_BT, count_B = _decode(
       state,
       jnp.asarray(prompts_BP),
       jnp.asarray(lengths_B),
@@ -148,13 +149,13 @@ def _run(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, rng) -
       max_new_tokens=max_new_tokens,
       greedy=greedy,
   )
-  new_BN, count_B = jax.device_get((new_BN, count_B))
-  return [row[:n].tolist() for row, n in zip(new_BN, count_B)]
+  new_BT, count_B = jax.device_get((new_BT, count_B))
+  return [row[:n].tolist() for row, n in zip(new_BT, count_B)]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "max_new_tokens", "greedy"))
 def _decode(
-    state, prompts_BP, lengths_B, stop_S, key, temperature, top_p, *,
+    state, prompts_BP, lengths_B, stop_ids, key, temperature, top_p, *,
     graphdef, capacity, max_new_tokens, greedy,
 ):
   """Prefill, then steps until every row has stopped or made max_new_tokens tokens.
@@ -163,7 +164,7 @@ def _decode(
   first new token comes out of the loop like the others and the prefill's logits are never
   computed (the compiler drops them, unused: (B, P, W) floats for a large vocabulary).
 
-  Returns the new tokens (B, N), valid up to each row's count (B,); a row counts the stop token
+  Returns the new tokens (B, T), valid up to each row's count (B,); a row counts the stop token
   that ended it. Rows that stopped keep being stepped (fixed shapes) and their tokens ignored.
   """
   b = prompts_BP.shape[0]
@@ -183,21 +184,21 @@ def _decode(
     return (step < max_new_tokens) & ~jnp.all(done_B)
 
   def advance(carry):
-    step, token_B, new_BN, count_B, done_B, cache = carry
+    step, token_B, new_BT, count_B, done_B, cache = carry
     logits_B1W, cache = extend(token_B[:, None], cache)
     token_B = pick(logits_B1W[:, 0], step)
-    new_BN = new_BN.at[:, step].set(token_B)
+    new_BT = new_BT.at[:, step].set(token_B)
     count_B = count_B + (~done_B).astype(jnp.int32)
-    done_B = done_B | jnp.isin(token_B, stop_S)
-    return step + 1, token_B, new_BN, count_B, done_B, cache
+    done_B = done_B | jnp.isin(token_B, stop_ids)
+    return step + 1, token_B, new_BT, count_B, done_B, cache
 
   last_B = prompts_BP[jnp.arange(b), lengths_B - 1]
   carry = (
       jnp.int32(0), last_B, jnp.zeros((b, max_new_tokens), jnp.int32),
       jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), cache,
   )
-  _, _, new_BN, count_B, _, _ = jax.lax.while_loop(running, advance, carry)
-  return new_BN, count_B
+  _, _, new_BT, count_B, _, _ = jax.lax.while_loop(running, advance, carry)
+  return new_BT, count_B
 
 
 def _extend(graphdef, state, tokens_BT, cache, n_valid_B=None):

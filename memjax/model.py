@@ -1,6 +1,7 @@
 """The decoder-only language model: pre-norm blocks whose FFN is SwiGLU or a memory layer.
 
-Axis letters: B batch, T time, D model dim, W vocabulary, C cache positions, F rotary frequencies.
+Axis letters (see memjax): B batch, T time, D model dim, W vocabulary, C cache positions, Q rotary
+frequencies.
 Module and parameter names mirror the reference's state dict (spec 5.2), so checkpoints convert by
 name: `tok_embeddings`, `layers.{i}.{attention,attention_norm,feed_forward,ffn_norm}`, `norm`,
 `output`; a memory or PEER layer's `keys` and `query_proj` sit one level down, under
@@ -79,14 +80,14 @@ class Block(nnx.Module):
     self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype)
     self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype)
 
-  def __call__(self, x_BTD, cos_TF, sin_TF):
-    h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_TF, sin_TF)
+  def __call__(self, x_BTD, cos_TQ, sin_TQ):
+    h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_TQ, sin_TQ)
     return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
 
-  def extend(self, x_BTD, cache: KVCache, start_B, cos_CF, sin_CF) -> tuple[jax.Array, KVCache]:
+  def extend(self, x_BTD, cache: KVCache, start_B, cos_CQ, sin_CQ) -> tuple[jax.Array, KVCache]:
     """`__call__` for tokens that continue the rows held in `cache` (see `Attention.extend`)."""
     attended_BTD, cache = self.attention.extend(
-        self.attention_norm(x_BTD), cache, start_B, cos_CF, sin_CF
+        self.attention_norm(x_BTD), cache, start_B, cos_CQ, sin_CQ
     )
     h_BTD = x_BTD + attended_BTD
     return h_BTD + self.feed_forward(self.ffn_norm(h_BTD)), cache
@@ -137,10 +138,10 @@ class Transformer(nnx.Module):
     if t > self.cfg.max_seqlen:
       raise ValueError(f"sequence length {t} exceeds model.max_seqlen={self.cfg.max_seqlen}")
     # Constants under jit: recomputing beats carrying them as state.
-    cos_TF, sin_TF = rope_angles(self.cfg.resolved_head_dim, t, self.cfg.rope_theta)
+    cos_TQ, sin_TQ = rope_angles(self.cfg.resolved_head_dim, t, self.cfg.rope_theta)
     h_BTD = self.tok_embeddings(tokens_BT)
     for block in self.layers:
-      h_BTD = block(h_BTD, cos_TF, sin_TF)
+      h_BTD = block(h_BTD, cos_TQ, sin_TQ)
     return self.output(self.norm(h_BTD))
 
   def init_cache(self, batch_size: int, capacity: int) -> DecodeCache:
@@ -166,12 +167,12 @@ class Transformer(nnx.Module):
     The caller keeps lengths + T within the cache's capacity.
     """
     t = tokens_BT.shape[1]
-    cos_CF, sin_CF = rope_angles(self.cfg.resolved_head_dim, cache.capacity, self.cfg.rope_theta)
+    cos_CQ, sin_CQ = rope_angles(self.cfg.resolved_head_dim, cache.capacity, self.cfg.rope_theta)
     start_B = cache.lengths_B
     h_BTD = self.tok_embeddings(tokens_BT)
     layers = []
     for block, layer_cache in zip(self.layers, cache.layers, strict=True):
-      h_BTD, layer_cache = block.extend(h_BTD, layer_cache, start_B, cos_CF, sin_CF)
+      h_BTD, layer_cache = block.extend(h_BTD, layer_cache, start_B, cos_CQ, sin_CQ)
       layers.append(layer_cache)
     advance_B = t if n_valid_B is None else n_valid_B.astype(start_B.dtype)
     return self.output(self.norm(h_BTD)), DecodeCache(tuple(layers), start_B + advance_B)
@@ -197,7 +198,7 @@ def balance_loss(intermediates: nnx.State) -> jax.Array:
 
 def parameter_counts(model: Transformer) -> dict[str, int]:
   """Parameters in all, and those a token uses (`active`): a memory layer reads H*K rows of its
-  table, an MoE layer runs k of its E experts, a PEER layer H*K (u, v) pairs. A shared table
+  table, an MoE layer runs k of its X experts, a PEER layer H*K (u, v) pairs. A shared table
   counts once in the total and once per reading layer in the active count. `model` may be
   abstract (nnx.eval_shape)."""
   size = lambda v: math.prod(v.get_value().shape)

@@ -59,8 +59,8 @@ def param_group(variable: nnx.Variable) -> str:
 
 
 class RowGrads(NamedTuple):
-  """A table's gradient as the rows it is nonzero on: `rows` (R,) int32, distinct, padded with
-  the table's row count (ignored); `grads` (R, V) their gradients (`memjax.ops.table_rows`)."""
+  """A table's gradient as the rows it is nonzero on: `rows` (U,) int32, distinct, padded with
+  the table's row count (ignored); `grads` (U, V) their gradients (`memjax.ops.table_rows`)."""
   rows: jax.Array
   grads: jax.Array
 

@@ -10,8 +10,8 @@ This module imports no kernel package: the packages import it, for the `xla` twi
 reference their tests compare against, and the path they hand shapes and dtypes they do not
 take) and for the shard_map helpers a kernel needs to return arrays of the right type.
 
-Axis letters (the package's glossary, see `memjax`): N tokens, K bag positions, S table rows,
-V row width, R rows of a selection problem, C candidates.
+Axis letters (see memjax): N tokens, K bag positions (or top-k), S table rows, V row width, R
+selection rows, M sub-keys per half, U distinct rows.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Kernels:
   top_k(x, k) -> (values, indices): `jax.lax.top_k`, ties to the lower index; None = that one.
   product_topk(scores1_RM, scores2_RM, k) -> (scores_RK, slots_RK): for float32 scores, the
     results of `memjax.ops.product_topk` in one call; None = its XLA steps with `top_k`.
-  set_rows(table_SV, rows_R, new_RV, factor) -> table: `memjax.ops.set_rows` in place on one
+  set_rows(table_SV, rows_U, new_UV, factor) -> table: `memjax.ops.set_rows` in place on one
     device; None = XLA's scatter.
   """
 

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from memjax import config, config_loading, sharding
 from memjax.model import Transformer
-from memjax.training import loop, state as state_lib, step as step_lib
+from memjax.training import state as state_lib, step as step_lib
 
 from support.meshes import MESHES, MODEL, X64, assert_close, cfg_for, run_steps
 

@@ -8,14 +8,14 @@ reference-format state dict. `to_reference` and `load_into_oracle` copy memjax (
 parameters into it by a mapping of their own, not `memjax.interop.torch_checkpoint`'s, so that the
 converter's tests compare against a second one.
 
-Axis letters as in memjax: B batch, T time, D model dim, N tokens, H heads, E half key dim,
-M sub-keys per half, K knn, V value dim, Z attention head dim.
+Axis letters (see memjax): B batch, T time, D model dim, N tokens, H heads, G key/value heads,
+E half key dim, M sub-keys per half, K knn, I grid pairs (K*K), L lookups per token (PEER, H*K),
+V value dim, Z attention head dim, Q rotary frequencies.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -61,10 +61,10 @@ class OracleMemory(nn.Module):
     a_NHK, i1_NHK = s1_NHM.topk(self.knn, dim=-1)
     b_NHK, i2_NHK = s2_NHM.topk(self.knn, dim=-1)
     # The whole K x K grid, flattened with i outer and j inner; slot = i1 * M + i2.
-    grid_NHG = (a_NHK[..., :, None] + b_NHK[..., None, :]).flatten(-2)
-    slots_NHG = (i1_NHK[..., :, None] * self.n_keys + i2_NHK[..., None, :]).flatten(-2)
-    scores_NHK, best_NHK = grid_NHG.topk(self.knn, dim=-1, sorted=True)
-    return scores_NHK, slots_NHG.gather(-1, best_NHK)
+    grid_NHI = (a_NHK[..., :, None] + b_NHK[..., None, :]).flatten(-2)
+    slots_NHI = (i1_NHK[..., :, None] * self.n_keys + i2_NHK[..., None, :]).flatten(-2)
+    scores_NHK, best_NHK = grid_NHI.topk(self.knn, dim=-1, sorted=True)
+    return scores_NHK, slots_NHI.gather(-1, best_NHK)
 
   def forward(self, x_BTD):
     b, t, d = x_BTD.shape
@@ -129,9 +129,9 @@ class RMSNorm(nn.Module):
 def apply_rope(x_BTHZ, theta: float):
   """Rotates interleaved pairs (x[2i], x[2i+1]); angles in float32, products in x's precision."""
   t, z = x_BTHZ.shape[1], x_BTHZ.shape[-1]
-  freqs_F = 1.0 / theta ** (torch.arange(0, z, 2, dtype=torch.float32) / z)
-  angles_TF = torch.outer(torch.arange(t, dtype=torch.float32), freqs_F)
-  cos, sin = angles_TF.cos()[None, :, None], angles_TF.sin()[None, :, None]
+  freqs_Q = 1.0 / theta ** (torch.arange(0, z, 2, dtype=torch.float32) / z)
+  angles_TQ = torch.outer(torch.arange(t, dtype=torch.float32), freqs_Q)
+  cos, sin = angles_TQ.cos()[None, :, None], angles_TQ.sin()[None, :, None]
   x0, x1 = x_BTHZ.unflatten(-1, (z // 2, 2)).unbind(-1)
   return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x_BTHZ)
 

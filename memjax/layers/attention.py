@@ -3,8 +3,8 @@
 Training runs `Attention.__call__` over whole sequences. Decoding runs `Attention.extend`: new
 tokens at each row's own positions, their keys and values written into a `KVCache`.
 
-Axis letters: B batch, T time, D model dim, H query heads, G key/value heads, Z head dim,
-C cache positions (its capacity), F rotary frequencies (Z/2).
+Axis letters (see memjax): B batch, T time, D model dim, H query heads, G key/value heads, Z head
+dim, C cache positions (its capacity), Q rotary frequencies (Z/2).
 """
 
 from __future__ import annotations
@@ -22,29 +22,29 @@ from memjax.layers import init
 def rope_angles(head_dim: int, max_seqlen: int, theta: float) -> tuple[jax.Array, jax.Array]:
   """cos and sin, each (T, Z/2), for frequencies theta**(-2i/Z), in float32."""
   freqs = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles_TF = jnp.outer(jnp.arange(max_seqlen, dtype=jnp.float32), freqs)
-  return jnp.cos(angles_TF), jnp.sin(angles_TF)
+  angles_TQ = jnp.outer(jnp.arange(max_seqlen, dtype=jnp.float32), freqs)
+  return jnp.cos(angles_TQ), jnp.sin(angles_TQ)
 
 
-def apply_rope(x_BTHZ: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
+def apply_rope(x_BTHZ: jax.Array, cos_TQ: jax.Array, sin_TQ: jax.Array) -> jax.Array:
   """Rotates pairs (x[2i], x[2i+1]) by position-dependent angles (Meta's layout, not rotate-half).
 
   Position t of every row takes row t of the tables.
   """
   t = x_BTHZ.shape[1]
-  return _rotate_pairs(x_BTHZ, cos_TF[None, :t, None, :], sin_TF[None, :t, None, :])
+  return _rotate_pairs(x_BTHZ, cos_TQ[None, :t, None, :], sin_TQ[None, :t, None, :])
 
 
-def apply_rope_at(x_BTHZ: jax.Array, cos_BTF: jax.Array, sin_BTF: jax.Array) -> jax.Array:
+def apply_rope_at(x_BTHZ: jax.Array, cos_BTQ: jax.Array, sin_BTQ: jax.Array) -> jax.Array:
   """`apply_rope` with angles per row and step: decoding rows each have their own positions."""
-  return _rotate_pairs(x_BTHZ, cos_BTF[:, :, None, :], sin_BTF[:, :, None, :])
+  return _rotate_pairs(x_BTHZ, cos_BTQ[:, :, None, :], sin_BTQ[:, :, None, :])
 
 
-def _rotate_pairs(x_BTHZ: jax.Array, cos_BT1F: jax.Array, sin_BT1F: jax.Array) -> jax.Array:
+def _rotate_pairs(x_BTHZ: jax.Array, cos_BT1Q: jax.Array, sin_BT1Q: jax.Array) -> jax.Array:
   b, t, h, z = x_BTHZ.shape
   pairs = x_BTHZ.astype(jnp.float32).reshape(b, t, h, z // 2, 2)
   x0, x1 = pairs[..., 0], pairs[..., 1]
-  rotated = jnp.stack([x0 * cos_BT1F - x1 * sin_BT1F, x0 * sin_BT1F + x1 * cos_BT1F], axis=-1)
+  rotated = jnp.stack([x0 * cos_BT1Q - x1 * sin_BT1Q, x0 * sin_BT1Q + x1 * cos_BT1Q], axis=-1)
   return rotated.reshape(b, t, h, z).astype(x_BTHZ.dtype)
 
 
@@ -85,35 +85,35 @@ class Attention(nnx.Module):
     self.wv = linear(dim, n_kv_heads * head_dim, (sharding.EMBED, sharding.KV_HEADS))
     self.wo = linear(n_heads * head_dim, dim, (sharding.HEADS, sharding.EMBED))
 
-  def __call__(self, x_BTD: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, cos_TQ: jax.Array, sin_TQ: jax.Array) -> jax.Array:
     b, t, _ = x_BTD.shape
-    q_BTHZ = apply_rope(self.wq(x_BTD).reshape(b, t, self.n_heads, self.head_dim), cos_TF, sin_TF)
+    q_BTHZ = apply_rope(self.wq(x_BTD).reshape(b, t, self.n_heads, self.head_dim), cos_TQ, sin_TQ)
     k_BTGZ = apply_rope(
-        self.wk(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim), cos_TF, sin_TF
+        self.wk(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim), cos_TQ, sin_TQ
     )
     v_BTGZ = self.wv(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim)
     out_BTHZ = jax.nn.dot_product_attention(q_BTHZ, k_BTGZ, v_BTGZ, is_causal=True)
     return self.wo(out_BTHZ.reshape(b, t, self.n_heads * self.head_dim))
 
   def extend(
-      self, x_BTD: jax.Array, cache: KVCache, start_B: jax.Array, cos_CF: jax.Array,
-      sin_CF: jax.Array,
+      self, x_BTD: jax.Array, cache: KVCache, start_B: jax.Array, cos_CQ: jax.Array,
+      sin_CQ: jax.Array,
   ) -> tuple[jax.Array, KVCache]:
     """Attention for T new tokens per row that continue what `cache` holds.
 
     Row b's tokens take positions start_B[b] + t: their keys and values are written there, and
-    each attends to every cache position at or before its own. cos_CF and sin_CF are the rotary
+    each attends to every cache position at or before its own. cos_CQ and sin_CQ are the rotary
     tables for all C cache positions. The caller keeps start_B + T within C (writes past the
     end are dropped).
     """
     b, t, _ = x_BTD.shape
     pos_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)
-    cos_BTF, sin_BTF = cos_CF[pos_BT], sin_CF[pos_BT]
+    cos_BTQ, sin_BTQ = cos_CQ[pos_BT], sin_CQ[pos_BT]
     q_BTHZ = apply_rope_at(
-        self.wq(x_BTD).reshape(b, t, self.n_heads, self.head_dim), cos_BTF, sin_BTF
+        self.wq(x_BTD).reshape(b, t, self.n_heads, self.head_dim), cos_BTQ, sin_BTQ
     )
     k_BTGZ = apply_rope_at(
-        self.wk(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim), cos_BTF, sin_BTF
+        self.wk(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim), cos_BTQ, sin_BTQ
     )
     v_BTGZ = self.wv(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim)
     rows_B1 = jnp.arange(b)[:, None]

@@ -1,7 +1,8 @@
 """The product-key memory layer (Memory and Memory+), spec section 1.3.
 
-Axis letters: N tokens (B*T), D model dim, H memory heads, K knn, S slots (n_keys**2), V value
-dim; the selection's are in `memjax.layers.selection`.
+Axis letters (see memjax): N tokens (B*T), D model dim, H memory heads, K top-k per head (knn) or
+bag positions (H*K, the heads' reads in one bag), S slots (n_keys**2), V value dim, U distinct rows
+(of a sparse read).
 """
 
 from __future__ import annotations
@@ -119,10 +120,10 @@ class ProductKeyMemory(nnx.Module):
     table_SV = self.values[...]
     if not self.sparse_table_grad:
       return sharded_bag(table_SV, idx_NK, w_NK, self.impl)
-    rows_R, local_NK = compact_rows(idx_NK, table_SV.shape[0])
-    table_RV = jnp.take(table_SV, rows_R, axis=0, mode="clip")
-    self.sow(nnx.Intermediate, TABLE_ROW_IDS, rows_R, reduce_fn=lambda _, new: new)
-    return sharded_bag(self.perturb(TABLE_ROWS, table_RV), local_NK, w_NK, self.impl)
+    rows_U, local_NK = compact_rows(idx_NK, table_SV.shape[0])
+    table_UV = jnp.take(table_SV, rows_U, axis=0, mode="clip")
+    self.sow(nnx.Intermediate, TABLE_ROW_IDS, rows_U, reduce_fn=lambda _, new: new)
+    return sharded_bag(self.perturb(TABLE_ROWS, table_UV), local_NK, w_NK, self.impl)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     b, t, d = x_BTD.shape

@@ -3,8 +3,8 @@ experts. Expert i is a pair of rows (u_i, v_i) of two (S, D) tables; a token's o
 sum over heads h and selected experts k of w_hk * gelu(<x, u_hk>) * v_hk, w the softmax of the
 selection scores per head.
 
-Axis letters: N tokens (B*T), D model dim, H heads, K experts per head (knn), L = H*K experts read
-per token, S experts (M**2); the selection's are in `memjax.layers.selection`.
+Axis letters (see memjax): N tokens (B*T), D model dim, H heads, K experts per head (knn), L = H*K
+experts read per token, S experts (rows of the tables, M**2).
 """
 
 from __future__ import annotations

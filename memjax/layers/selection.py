@@ -3,8 +3,8 @@ PEER choose their slots with: each head's query is split in two halves, each hal
 against its own M sub-keys, the top K of each half make a K x K grid of summed scores, and the
 grid's top K are the chosen slots i * M + j, weighted by a float32 softmax of their scores.
 
-Axis letters: N tokens (B*T), D model dim, H heads, E half key dim (k_dim / 2), M sub-keys per
-half (n_keys), K knn, R rows (N*H).
+Axis letters (see memjax): N tokens (B*T), D model dim, H heads, E half key dim (k_dim / 2), M
+sub-keys per half (n_keys), K knn, R selection rows (N*H), 2 the two halves.
 """
 
 from __future__ import annotations

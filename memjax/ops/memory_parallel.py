@@ -1,16 +1,19 @@
 """The memory-parallel lookup: the value table's columns split over a mesh axis (spec section 3).
 
-Within a memory group (the devices along `memory_axis`) each device holds V/M columns of every
-row, and its own tokens. A lookup all-gathers the group's indices and weights (N x K each: small
-next to the table), sums its column slice of the selected rows for all of the group's tokens, and
-sends every token its full row back with one all-to-all:
+Within a memory group (the devices along `memory_axis`) each of its m devices holds V/m columns
+of every row, and its own tokens. A lookup all-gathers the group's indices and weights (N x K
+each: small next to the table), sums its column slice of the selected rows for all of the group's
+tokens, and sends every token its full row back with one all-to-all:
 
-    idx_NK, w_NK --all_gather--> (M*N, K) --bag on V/M columns--> (M*N, V/M) --all_to_all--> (N, V)
+    idx_NK, w_NK --all_gather--> (m*N, K) --bag on V/m columns--> (m*N, V/m) --all_to_all--> (N, V)
 
 The backward is the transpose: the weight gradients are reduce-scattered back to their tokens,
 and each device's table gradient is the gradient of its own slice. Nothing table-sized crosses a
 device except the data-parallel sum of that slice's gradient over the axes that split the tokens
 but not the table.
+
+Axis letters (see memjax): S slots, V value dim, N tokens, K bag positions. Inside `shard_map`, N
+is a device's tokens (`group_` arrays: its group's m*N) and V its column slice (V/m).
 """
 
 from __future__ import annotations
@@ -24,17 +27,18 @@ from memjax.ops.embedding_bag import embedding_bag
 
 
 def memory_parallel_bag(
-    values_SC: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, *, memory_axis: str,
+    values_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, *, memory_axis: str,
     impl: str = "auto",
 ) -> jax.Array:
-  """Call inside `shard_map`: this device's column slice (S, C = V/M) and tokens (N, K) ->
+  """Call inside `shard_map`: this device's column slice (S, V/m) and tokens (N, K) ->
   the tokens' full bags (N, V), columns in the order of the devices along `memory_axis`."""
   if jax.lax.axis_size(memory_axis) == 1:
-    return embedding_bag(values_SC, idx_NK, w_NK, impl=impl)
-  idx_GK = jax.lax.all_gather(idx_NK, memory_axis, tiled=True)  # G = M * N: the group's tokens
-  w_GK = jax.lax.all_gather(w_NK, memory_axis, tiled=True)
-  read_GC = embedding_bag(values_SC, idx_GK, w_GK, impl=impl)
-  return jax.lax.all_to_all(read_GC, memory_axis, split_axis=0, concat_axis=1, tiled=True)
+    return embedding_bag(values_SV, idx_NK, w_NK, impl=impl)
+  # The group's m*N tokens, and their bags over this device's V/m columns.
+  group_idx_NK = jax.lax.all_gather(idx_NK, memory_axis, tiled=True)
+  group_w_NK = jax.lax.all_gather(w_NK, memory_axis, tiled=True)
+  group_read_NV = embedding_bag(values_SV, group_idx_NK, group_w_NK, impl=impl)
+  return jax.lax.all_to_all(group_read_NV, memory_axis, split_axis=0, concat_axis=1, tiled=True)
 
 
 def sharded_embedding_bag(

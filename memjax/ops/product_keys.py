@@ -5,6 +5,9 @@ index i1_i * n + i2_j, and takes the top k of that grid (flattened with i outer)
 are sorted, so pair (i, j) is matched or beaten by every (i', j') with i' <= i and j' <= j, which
 also come first in the flattened grid and so win ties. A pair with (i+1)(j+1) > k therefore has
 at least k pairs ahead of it and can never be selected: only about k*ln(k) pairs are scored.
+
+Axis letters (see memjax): R selection rows (tokens x heads), M sub-keys per half (n), K top-k,
+I candidate pairs of the grid.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ def candidate_pairs(knn: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def product_topk(
-    scores1_RN: jax.Array, scores2_RN: jax.Array, knn: int, impl: str = "xla"
+    scores1_RM: jax.Array, scores2_RM: jax.Array, knn: int, impl: str = "xla"
 ) -> tuple[jax.Array, jax.Array]:
   """Top `knn` slots of the product grid, per row.
 
   Args:
-    scores1_RN: (R, n) scores of the first sub-key set (R = tokens x heads).
-    scores2_RN: (R, n) scores of the second sub-key set.
+    scores1_RM: (R, M) scores of the first sub-key set (R = tokens x heads, M = n).
+    scores2_RM: (R, M) scores of the second sub-key set.
     knn: k, at most n.
     impl: the lookup's impl ("auto" or a name); its top-k kernels where it has them, else
       `lax.top_k`.
@@ -43,14 +46,14 @@ def product_topk(
     Gradients flow to the selected entries of both score arrays.
   """
   lookup = kernels(impl)
-  if lookup.product_topk is not None and scores1_RN.dtype == scores2_RN.dtype == jnp.float32:
-    return lookup.product_topk(scores1_RN, scores2_RN, knn)
+  if lookup.product_topk is not None and scores1_RM.dtype == scores2_RM.dtype == jnp.float32:
+    return lookup.product_topk(scores1_RM, scores2_RM, knn)
   top_k = lookup.top_k or jax.lax.top_k
-  n_keys = scores1_RN.shape[-1]
-  a_RK, i1_RK = top_k(scores1_RN, knn)
-  b_RK, i2_RK = top_k(scores2_RN, knn)
+  n_keys = scores1_RM.shape[-1]
+  a_RK, i1_RK = top_k(scores1_RM, knn)
+  b_RK, i2_RK = top_k(scores2_RM, knn)
   rows, cols = candidate_pairs(knn)
-  grid_RC = a_RK[:, rows] + b_RK[:, cols]
-  slots_RC = i1_RK[:, rows] * n_keys + i2_RK[:, cols]
-  scores_RK, best_RK = top_k(grid_RC, knn)
-  return scores_RK, jnp.take_along_axis(slots_RC, best_RK, axis=-1)
+  grid_RI = a_RK[:, rows] + b_RK[:, cols]
+  slots_RI = i1_RK[:, rows] * n_keys + i2_RK[:, cols]
+  scores_RK, best_RK = top_k(grid_RI, knn)
+  return scores_RK, jnp.take_along_axis(slots_RI, best_RK, axis=-1)

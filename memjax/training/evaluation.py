@@ -45,8 +45,8 @@ class HeldOutPass:
 class EvalContext:
   """One evaluation of `state`: its evals share the eval batches' forward pass, run on first use.
 
-  `eval_step(params, other, tokens_BT1) -> (summed loss, token count, intermediates)` is
-  `step.make_eval_step`, jitted; `batches` are the placed eval batches.
+  `eval_step(params, other, tokens_BT) -> (summed loss, token count, intermediates)` is
+  `step.make_eval_step`, jitted; `batches` are the placed eval batches, (B, T + 1) each.
   """
 
   def __init__(

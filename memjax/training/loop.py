@@ -115,8 +115,8 @@ def compile_train_step(run: Run):
   return compiled, line
 
 
-def _global_batch(run: Run, local_BT1: np.ndarray) -> jax.Array:
-  return jax.make_array_from_process_local_data(sharding.batch_sharding(run.mesh), local_BT1)
+def _global_batch(run: Run, local_BT: np.ndarray) -> jax.Array:
+  return jax.make_array_from_process_local_data(sharding.batch_sharding(run.mesh), local_BT)
 
 
 def evaluate(

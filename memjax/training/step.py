@@ -2,6 +2,9 @@
 
 Batches are int32 (B, T + 1) token windows: inputs are [:, :-1], next-token targets [:, 1:].
 
+Axis letters (see memjax): B batch, T time (a batch's `tokens_BT` holds T + 1 positions), W
+vocabulary, A micro-batches, S slots, U distinct rows, V value dim.
+
 The value tables' gradient takes one of two forms (`row_gradients`). Dense: the table is
 differentiated like any parameter, an (S, V) array. Rows: the table is not differentiated; each
 memory layer reads a compact copy of the rows it touches, and the gradient of that copy is
@@ -27,18 +30,18 @@ from memjax.optim import AdamW, RowGrads, group_norms
 from memjax.training.state import TrainState
 
 
-def _loss(graphdef, params, other, tokens_BT1, balance_coef: float = 0.0):
+def _loss(graphdef, params, other, tokens_BT, balance_coef: float = 0.0):
   """The training loss: cross-entropy plus `balance_coef` times the MoE layers' balance loss
   (0 without MoE layers). Aux: (other state, cross-entropy, balance loss)."""
   model = nnx.merge(graphdef, params, other)
-  inputs_BT = tokens_BT1[:, :-1]
+  inputs_BT = tokens_BT[:, :-1]
   if balance_coef:  # only MoE models record anything the loss needs
     view = nnx.view(model, record_balance_loss=True, raise_if_not_found=False)
     logits_BTW, intermediates = nnx.capture(view, nnx.Intermediate)(inputs_BT)
     balance = balance_loss(intermediates)
   else:
     logits_BTW, balance = model(inputs_BT), jnp.float32(0)
-  ce = cross_entropy(logits_BTW, tokens_BT1[:, 1:])
+  ce = cross_entropy(logits_BTW, tokens_BT[:, 1:])
   _, _, other = nnx.split(model, nnx.Param, ...)  # dropout RNG counters advanced
   return ce + balance_coef * balance, (other, ce, balance)
 
@@ -73,7 +76,7 @@ def row_gradients(cfg: Config) -> bool:
 
 
 def _row_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
-  """grad_fn(params, other, tokens_BT1) -> ((loss, (other, ce, balance)), dense grads, rows):
+  """grad_fn(params, other, tokens_BT) -> ((loss, (other, ce, balance)), dense grads, rows):
   the gradient of every parameter but the value tables, and per table path a list of
   `RowGrads`, one per memory layer that reads it."""
 
@@ -82,36 +85,36 @@ def _row_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
                      sparse_table_grad=True)
     return nnx.view(model, record_balance_loss=bool(balance_coef), raise_if_not_found=False)
 
-  def loss(rest, probes, tables, other, tokens_BT1):
+  def loss(rest, probes, tables, other, tokens_BT):
     view = rows_view(nnx.merge_state(rest, tables), other)
     logits_BTW, _, intermediates = nnx.capture(
-        view, nnx.Perturbation, nnx.Intermediate, init=probes)(tokens_BT1[:, :-1])
+        view, nnx.Perturbation, nnx.Intermediate, init=probes)(tokens_BT[:, :-1])
     balance = balance_loss(intermediates) if balance_coef else jnp.float32(0)
-    ce = cross_entropy(logits_BTW, tokens_BT1[:, 1:])
+    ce = cross_entropy(logits_BTW, tokens_BT[:, 1:])
     _, _, other = nnx.split(view, nnx.Param, ...)
     row_ids = {path[:-1]: v.get_value() for path, v in nnx.to_flat_state(intermediates)
                if path[-1] == TABLE_ROW_IDS}
     return ce + balance_coef * balance, (other, ce, balance, row_ids)
 
-  def zero_probes(params, other, tokens_BT1):
+  def zero_probes(params, other, tokens_BT):
     """The captured rows' perturbations, zeros: their shapes follow the batch's."""
     def probes(params, other):
-      return nnx.capture(rows_view(params, other), nnx.Perturbation)(tokens_BT1[:, :-1])[1]
+      return nnx.capture(rows_view(params, other), nnx.Perturbation)(tokens_BT[:, :-1])[1]
     shapes = jax.eval_shape(probes, params, other)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
-  def row_grads(params, other, tokens_BT1):
+  def row_grads(params, other, tokens_BT):
     tables, rest = nnx.split_state(params, MemoryValues, ...)
-    probes = zero_probes(params, other, tokens_BT1)
+    probes = zero_probes(params, other, tokens_BT)
     (total, (other_out, ce, balance, row_ids)), (grads, probe_grads) = grad_fn(
-        rest, probes, tables, other, tokens_BT1)
+        rest, probes, tables, other, tokens_BT)
     probe_grads = dict(nnx.to_flat_state(probe_grads))
     rows = {}
     for layer, table in _table_paths(nnx.merge(graphdef, params, other)).items():
-      grads_RV = probe_grads[(*layer, TABLE_ROWS)].get_value()
-      rows.setdefault(table, []).append(RowGrads(row_ids[layer], grads_RV))
+      grads_UV = probe_grads[(*layer, TABLE_ROWS)].get_value()
+      rows.setdefault(table, []).append(RowGrads(row_ids[layer], grads_UV))
     return (total, (other_out, ce, balance)), grads, rows
 
   return row_grads
@@ -135,7 +138,7 @@ def make_train_step(
     cfg: Config, graphdef: nnx.GraphDef, tx: AdamW, schedule: Callable,
     rows: bool | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-  """train_step(state, tokens_BT1) -> (state, metrics), with gradient accumulation over
+  """train_step(state, tokens_BT) -> (state, metrics), with gradient accumulation over
   `train.grad_accum` micro-batches and a guard that skips a step whose loss or gradients are not
   finite (parameters and optimizer state unchanged; counted).
 
@@ -152,10 +155,10 @@ def make_train_step(
     dense_fn = jax.value_and_grad(lambda p, o, t: _loss(graphdef, p, o, t, coef), has_aux=True)
     grad_fn = lambda p, o, t: (*dense_fn(p, o, t), {})
 
-  def accumulated_grads(state: TrainState, tokens_BT1: jax.Array):
+  def accumulated_grads(state: TrainState, tokens_BT: jax.Array):
     """(other, grads, rows, cross-entropy, balance loss), averaged over the micro-batches in
     float32; a table's gradient rows are gathered per micro-batch and merged after."""
-    micro_ABT1 = tokens_BT1.reshape(accum, -1, tokens_BT1.shape[-1])
+    micro_ABT = tokens_BT.reshape(accum, -1, tokens_BT.shape[-1])
 
     def micro_step(carry, tokens):
       other, grad_sum, ce_sum, balance_sum = carry
@@ -166,20 +169,20 @@ def make_train_step(
     params = nnx.split_state(state.params, MemoryValues, ...)[1] if by_rows else state.params
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     (other, grad_sum, ce_sum, balance_sum), rows_A = jax.lax.scan(
-        micro_step, (state.other, zeros, jnp.float32(0), jnp.float32(0)), micro_ABT1
+        micro_step, (state.other, zeros, jnp.float32(0), jnp.float32(0)), micro_ABT
     )
     grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
     rows = {path: [RowGrads(part.rows[a], part.grads[a]) for part in parts for a in range(accum)]
             for path, parts in rows_A.items()}
     return other, grads, rows, ce_sum / accum, balance_sum / accum
 
-  def train_step(state: TrainState, tokens_BT1: jax.Array) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, tokens_BT: jax.Array) -> tuple[TrainState, dict]:
     if accum == 1:
       # The same values bit for bit, without a float32 carry as large as the parameters: a
       # zeroed buffer, an add and a cast back over every parameter, the whole table included.
-      (_, (other, loss, balance)), grads, rows = grad_fn(state.params, state.other, tokens_BT1)
+      (_, (other, loss, balance)), grads, rows = grad_fn(state.params, state.other, tokens_BT)
     else:
-      other, grads, rows, loss, balance = accumulated_grads(state, tokens_BT1)
+      other, grads, rows, loss, balance = accumulated_grads(state, tokens_BT)
     rows = _merged_rows(rows, state.params, accum)
     # loss (reported) is the cross-entropy alone, comparable across models.
     norms = group_norms(grads, rows)
@@ -239,16 +242,16 @@ def jit_train_step(
 
 
 def make_eval_step(cfg: Config, graphdef: nnx.GraphDef) -> Callable:
-  """eval_step(params, other, tokens_BT1) -> (summed token loss, token count, selections)."""
+  """eval_step(params, other, tokens_BT) -> (summed token loss, token count, selections)."""
   del cfg
 
-  def eval_step(params, other, tokens_BT1):
+  def eval_step(params, other, tokens_BT):
     model = nnx.view(
         nnx.merge(graphdef, params, other), deterministic=True, record_selection=True,
         raise_if_not_found=False,
     )
-    logits, selections = nnx.capture(model, nnx.Intermediate)(tokens_BT1[:, :-1])
-    n_tokens = tokens_BT1[:, 1:].size
-    return cross_entropy(logits, tokens_BT1[:, 1:]) * n_tokens, n_tokens, selections
+    logits, selections = nnx.capture(model, nnx.Intermediate)(tokens_BT[:, :-1])
+    n_tokens = tokens_BT[:, 1:].size
+    return cross_entropy(logits, tokens_BT[:, 1:]) * n_tokens, n_tokens, selections
 
   return eval_step

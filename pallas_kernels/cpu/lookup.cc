@@ -6,15 +6,15 @@
 //
 //   memjax_topk        x (R, n) f32 -> idx (R, k) s32, per row the k largest, sorted descending,
 //                      equal values in index order (the order of lax.top_k).
-//   memjax_product_topk  s1, s2 (R, n) f32 -> i1, i2 (R, k) s32: the product-key selection of
+//   memjax_product_topk  s1, s2 (R, M) f32 -> i1, i2 (R, k) s32: the product-key selection of
 //                      memjax.ops.product_topk in one pass (top k of each half, the pruned grid
 //                      of pairs (i+1)(j+1) <= k in row-major order, top k of the sums).
 //   memjax_bag_fwd     out[t] = sum_j w[t, j] * V[idx[t, j]], f32 accumulation.
 //   memjax_bag_bwd     dV (dense, duplicates summed, each row written by one thread, so the
 //                      result is deterministic) and dw[t, j] = <dOut[t], V[idx[t, j]]>, both
 //                      in one sequential sweep over the table.
-//   memjax_set_rows    table (S, V), factor () f32, rows (R,) s32, new (R, V) -> factor * table
-//                      with rows[r] replaced by new[r], in place (the result aliases the table).
+//   memjax_set_rows    table (S, V), factor () f32, rows (U,) s32, new (U, V) -> factor * table
+//                      with rows[u] replaced by new[u], in place (the result aliases the table).
 //                      Any dtype when factor is 1, float32 otherwise. XLA:CPU scatters 16-bit
 //                      tables through a float32 copy of the whole table, and copies a table
 //                      that a fused pass scales before its rows are written.
@@ -413,7 +413,7 @@ ffi::Error SetRows(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi::Buffer<ffi::
       rows.element_count() != update_dims[0] || updates.element_type() != table.element_type() ||
       out->element_type() != table.element_type() || out->size_bytes() != table.size_bytes()) {
     return ffi::Error::InvalidArgument(
-        "memjax_set_rows: table (S, V), rows (R,) and new rows (R, V) of the table's dtype");
+        "memjax_set_rows: table (S, V), rows (U,) and new rows (U, V) of the table's dtype");
   }
   const int64_t n_rows = dims[0];
   const int64_t row_bytes = dims[1] * static_cast<int64_t>(ffi::ByteWidth(table.element_type()));

@@ -1,4 +1,8 @@
-"""JAX entry points of the CPU kernels (XLA FFI custom calls)."""
+"""JAX entry points of the CPU kernels (XLA FFI custom calls).
+
+Axis letters (see memjax): N tokens, K bag positions (or top-k), S table rows, V row width, R
+selection rows, M sub-keys per half, U distinct rows.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def product_topk(
-    scores1_RN: jax.Array, scores2_RN: jax.Array, knn: int
+    scores1_RM: jax.Array, scores2_RM: jax.Array, knn: int
 ) -> tuple[jax.Array, jax.Array]:
   """`memjax.ops.product_topk` for float32 scores in one custom call: (scores, slots) (R, knn).
 
@@ -70,16 +74,16 @@ def product_topk(
   here, so they carry gradients and equal the grid sums of the XLA path bit for bit.
   """
   _register_targets()
-  n_keys = scores1_RN.shape[-1]
+  n_keys = scores1_RM.shape[-1]
   if not 1 <= knn <= n_keys:
     raise ValueError(f"product_topk needs 1 <= knn <= {n_keys}, got knn={knn}")
-  out = jax.ShapeDtypeStruct(scores1_RN.shape[:-1] + (knn,), jnp.int32)
+  out = jax.ShapeDtypeStruct(scores1_RM.shape[:-1] + (knn,), jnp.int32)
   i1_RK, i2_RK = jax.ffi.ffi_call("memjax_product_topk", (out, out), vmap_method="broadcast_all")(
-      jax.lax.stop_gradient(scores1_RN), jax.lax.stop_gradient(scores2_RN), k=np.int64(knn)
+      jax.lax.stop_gradient(scores1_RM), jax.lax.stop_gradient(scores2_RM), k=np.int64(knn)
   )
   scores_RK = (
-      jnp.take_along_axis(scores1_RN, i1_RK, axis=-1)
-      + jnp.take_along_axis(scores2_RN, i2_RK, axis=-1)
+      jnp.take_along_axis(scores1_RM, i1_RK, axis=-1)
+      + jnp.take_along_axis(scores2_RM, i2_RK, axis=-1)
   )
   return scores_RK, i1_RK * n_keys + i2_RK
 
@@ -128,9 +132,9 @@ def bag_backward(
 
 
 def set_rows(
-    table_SV: jax.Array, rows_R: jax.Array, new_RV: jax.Array, factor: jax.Array | None = None
+    table_SV: jax.Array, rows_U: jax.Array, new_UV: jax.Array, factor: jax.Array | None = None
 ) -> jax.Array:
-  """`(factor * table_SV).at[rows_R].set(new_RV, mode="drop")` in place for distinct `rows_R`:
+  """`(factor * table_SV).at[rows_U].set(new_UV, mode="drop")` in place for distinct `rows_U`:
   any dtype without a factor, float32 with one. XLA:CPU would scatter into a 16-bit table
   through a float32 copy of all of it, and copy a table scaled by a fused pass first."""
   _register_targets()
@@ -140,4 +144,4 @@ def set_rows(
   return jax.ffi.ffi_call(
       "memjax_set_rows", jax.ShapeDtypeStruct(table_SV.shape, table_SV.dtype),
       input_output_aliases={0: 0},
-  )(table_SV, factor, rows_R.astype(jnp.int32), new_RV.astype(table_SV.dtype))
+  )(table_SV, factor, rows_U.astype(jnp.int32), new_UV.astype(table_SV.dtype))

@@ -11,6 +11,9 @@ Block sizes (keyword arguments, checked up front):
   N x BLOCK_V, fits in about 24 MB, so the dOut rows that the programs in flight gather stay in
   L2 (50 MB on an H100, 60 MB on an H200); num_warps, to as many as give each thread 16 bytes of
   a row of dOut; BLOCK_J, to 4 where rows average at most 4 lookups, else 8.
+
+Axis letters (see memjax): N tokens, K bag positions, S table rows, V row width, J flat lookups
+(N*K), Y column blocks, B a vmapped batch.
 """
 
 from __future__ import annotations
@@ -116,28 +119,28 @@ def sort_lookups(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The backward's row-sorted view of the lookups, built with XLA ops.
 
-  Returns (w_L, order_L, starts_S1, rows_S): float32 weights per flat lookup t * K + k (zero where
+  Returns (w_J, order_J, starts_S, rows_S): float32 weights per flat lookup t * K + k (zero where
   the id is out of range, so such lookups add nothing to the table gradient; they sit on the
   clamped row, whose values they read in the forward); the flat lookup ids sorted by row, stably
-  (each row's sum runs in lookup order: deterministic); each row's first position in that order
-  (S + 1); and the order in which the programs visit rows: most-read first, so that the long
-  programs of hot rows start early and overlap the rest (as the reference orders them), else
-  0..S-1.
+  (each row's sum runs in lookup order: deterministic); each row's first position in that order,
+  then the end ((S + 1,)); and the order in which the programs visit rows: most-read first, so
+  that the long programs of hot rows start early and overlap the rest (as the reference orders
+  them), else 0..S-1.
   """
   in_range_NK = (idx_NK >= 0) & (idx_NK < n_slots)
-  w_L = jnp.where(in_range_NK, w_NK.astype(jnp.float32), 0.0).reshape(-1)
-  rows_L = jnp.clip(idx_NK, 0, n_slots - 1).astype(jnp.int32).reshape(-1)
-  sorted_rows_L, order_L = jax.lax.sort(
-      (rows_L, jax.lax.iota(jnp.int32, rows_L.size)), num_keys=1, is_stable=True
+  w_J = jnp.where(in_range_NK, w_NK.astype(jnp.float32), 0.0).reshape(-1)
+  rows_J = jnp.clip(idx_NK, 0, n_slots - 1).astype(jnp.int32).reshape(-1)
+  sorted_rows_J, order_J = jax.lax.sort(
+      (rows_J, jax.lax.iota(jnp.int32, rows_J.size)), num_keys=1, is_stable=True
   )
-  starts_S1 = jnp.searchsorted(
-      sorted_rows_L, jnp.arange(n_slots + 1, dtype=jnp.int32), side="left"
+  starts_S = jnp.searchsorted(
+      sorted_rows_J, jnp.arange(n_slots + 1, dtype=jnp.int32), side="left"
   ).astype(jnp.int32)
   rows_S = jax.lax.iota(jnp.int32, n_slots)
   if heavy_rows_first:
-    counts_S = starts_S1[1:] - starts_S1[:-1]
+    counts_S = starts_S[1:] - starts_S[:-1]
     _, rows_S = jax.lax.sort((-counts_S, rows_S), num_keys=1, is_stable=True)
-  return w_L, order_L, starts_S1, rows_S
+  return w_J, order_J, starts_S, rows_S
 
 
 def backward_launch(
@@ -164,12 +167,12 @@ def backward_launch(
   for name, value in (("block_r", block_r), ("block_j", block_j), ("block_v", block_v),
                       ("num_warps", num_warps)):
     _check_block(name, value)
-  w_L, order_L, starts_S1, rows_S = sort_lookups(n_slots, idx_NK, w_NK, heavy_rows_first)
+  w_J, order_J, starts_S, rows_S = sort_lookups(n_slots, idx_NK, w_NK, heavy_rows_first)
   n_blocks = -(-dim // block_v)
   return Launch(
       kernel=kernels.bag_backward_kernel,
       grid=(-(-n_slots // block_r), n_blocks),
-      operands=(values_SV, dout_NV, w_L, order_L, starts_S1, rows_S),
+      operands=(values_SV, dout_NV, w_J, order_J, starts_S, rows_S),
       out_shapes=(
           jax.ShapeDtypeStruct(values_SV.shape, values_SV.dtype),
           jax.ShapeDtypeStruct((n_blocks, idx_NK.size), jnp.float32),
@@ -183,9 +186,9 @@ def backward_launch(
   )
 
 
-def weight_gradient(dw_partials_BL: jax.Array, shape_NK: tuple[int, int]) -> jax.Array:
+def weight_gradient(dw_partials_YJ: jax.Array, shape_NK: tuple[int, int]) -> jax.Array:
   """Sums the per-column-block partials of the weight gradient: (N, K) float32."""
-  return jnp.sum(dw_partials_BL, axis=0).reshape(shape_NK)
+  return jnp.sum(dw_partials_YJ, axis=0).reshape(shape_NK)
 
 
 @functools.cache
@@ -253,5 +256,5 @@ def bag_backward(
   nobody read are zero) and the float32 weight gradient <dOut[t], V[idx[t, k]]>."""
   if not _supported(values_SV, idx_NK):
     return bag_backward_xla(values_SV, idx_NK, w_NK, dout_NV)
-  dvalues_SV, dw_BL = run(backward_launch(values_SV, idx_NK, w_NK, dout_NV))
-  return dvalues_SV, weight_gradient(dw_BL, idx_NK.shape)
+  dvalues_SV, dw_YJ = run(backward_launch(values_SV, idx_NK, w_NK, dout_NV))
+  return dvalues_SV, weight_gradient(dw_YJ, idx_NK.shape)

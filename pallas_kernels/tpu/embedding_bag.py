@@ -46,6 +46,9 @@ not measured: no TPU has run these kernels.
 
 Each entry point takes `interpret`: Mosaic by default, or one of Pallas's interpreters on any
 backend. `ops.py` picks by the platform it lowers for.
+
+Axis letters (see memjax): N tokens, K bag positions, S table rows, V row width, J flat lookups
+(the N*K (row, token) entries), Y chunks or row blocks, 1 a unit axis, 2 a pair.
 """
 
 from __future__ import annotations
@@ -398,25 +401,25 @@ def sort_by_row(idx_NK: jax.Array, w_NK: jax.Array, n_slots: int, *, block_rows:
 
   Out-of-range ids get the row `n_slots`, past every block (no gradient). The sort is stable, so
   each row's terms are summed in token order, run after run. Returns rows, tokens and weights as
-  (C, chunk) arrays (padded with row n_slots, token 0, weight 0) and the
+  (Y, chunk) arrays (padded with row n_slots, token 0, weight 0) and the
   (ceil(S / block_rows) + 1,) block starts.
   """
   n_tokens, bag = idx_NK.shape
-  rows_E = idx_NK.astype(jnp.int32).reshape(-1)
-  rows_E = jnp.where((rows_E >= 0) & (rows_E < n_slots), rows_E, n_slots)
-  rows_E, pos_E = jax.lax.sort((rows_E, jnp.arange(n_tokens * bag, dtype=jnp.int32)),
+  rows_J = idx_NK.astype(jnp.int32).reshape(-1)
+  rows_J = jnp.where((rows_J >= 0) & (rows_J < n_slots), rows_J, n_slots)
+  rows_J, pos_J = jax.lax.sort((rows_J, jnp.arange(n_tokens * bag, dtype=jnp.int32)),
                                num_keys=1, is_stable=True)
-  tok_E = pos_E // bag
-  w_E = w_NK.astype(jnp.float32).reshape(-1)[pos_E]
+  tok_J = pos_J // bag
+  w_J = w_NK.astype(jnp.float32).reshape(-1)[pos_J]
   n_blocks = -(-n_slots // block_rows)
   bounds = jnp.minimum(jnp.arange(n_blocks + 1, dtype=jnp.int32) * block_rows, n_slots)
-  starts = jnp.searchsorted(rows_E, bounds, side="left").astype(jnp.int32)
-  pad = _round_up(max(rows_E.size, 1), chunk) - rows_E.size
+  starts = jnp.searchsorted(rows_J, bounds, side="left").astype(jnp.int32)
+  pad = _round_up(max(rows_J.size, 1), chunk) - rows_J.size
   shape = (-1, chunk)
   return (
-      jnp.pad(rows_E, (0, pad), constant_values=n_slots).reshape(shape),
-      jnp.pad(tok_E, (0, pad)).reshape(shape),
-      jnp.pad(w_E, (0, pad)).reshape(shape),
+      jnp.pad(rows_J, (0, pad), constant_values=n_slots).reshape(shape),
+      jnp.pad(tok_J, (0, pad)).reshape(shape),
+      jnp.pad(w_J, (0, pad)).reshape(shape),
       starts,
   )
 
@@ -434,21 +437,21 @@ def table_grad(
   if block_rows % 16:
     raise ValueError(f"block_rows must be a multiple of 16 (bfloat16 sublanes), got {block_rows}")
   block_rows = min(block_rows, n_slots)
-  rows_CE, tok_CE, w_CE, starts = sort_by_row(idx_NK, w_NK, n_slots, block_rows=block_rows,
+  rows_YJ, tok_YJ, w_YJ, starts = sort_by_row(idx_NK, w_NK, n_slots, block_rows=block_rows,
                                               chunk=chunk)
-  return sorted_row_grad(rows_CE, tok_CE, w_CE, starts, dout_NV, n_slots, dtype,
+  return sorted_row_grad(rows_YJ, tok_YJ, w_YJ, starts, dout_NV, n_slots, dtype,
                          block_rows=block_rows, block_dim=block_dim, interpret=interpret)
 
 
 def sorted_row_grad(
-    rows_CE: jax.Array, tok_CE: jax.Array, w_CE: jax.Array, starts: jax.Array,
+    rows_YJ: jax.Array, tok_YJ: jax.Array, w_YJ: jax.Array, starts: jax.Array,
     dout_NV: jax.Array, n_slots: int, dtype, *, block_rows: int, block_dim: int | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
   """The table gradient from `sort_by_row`'s output; every row of it written once.
 
   Args:
-    rows_CE, tok_CE, w_CE: (C, chunk) int32 rows, int32 tokens and float32 weights of the
+    rows_YJ, tok_YJ, w_YJ: (Y, chunk) int32 rows, int32 tokens and float32 weights of the
       entries in row order; stay in HBM (pl.ANY) and are copied a chunk (a multiple of 128) at a
       time: tokens to SMEM, rows and weights to VMEM, two rounds of each.
     starts: (ceil(S / block_rows) + 1,) int32 block starts; each grid step gets its block's two
@@ -465,7 +468,7 @@ def sorted_row_grad(
   Returns:
     (S, V) in `dtype`.
   """
-  chunk = rows_CE.shape[1]
+  chunk = rows_YJ.shape[1]
   dim = dout_NV.shape[1]
   if jnp.dtype(dtype) not in _TABLE_DTYPES:
     raise TypeError(f"the gradient dtype must be float32 or bfloat16, got {dtype}")
@@ -473,7 +476,7 @@ def sorted_row_grad(
     raise ValueError(f"starts {starts.shape} do not match {n_slots} rows in blocks of {block_rows}")
   block_dim = _check_block_dim(dim, block_dim, cap=1024)
   dout_NV = dout_NV.astype(jnp.float32)
-  n_entries = rows_CE.size
+  n_entries = rows_YJ.size
 
   def kernel(bounds_smem, rows_hbm, tok_hbm, w_hbm, dout_hbm, dv_vmem,
              acc_vmem, tok_smem, rows_vmem, w_vmem, dout_vmem, meta_sems, dout_sems):
@@ -536,10 +539,10 @@ def sorted_row_grad(
             copy.wait()
           start_douts(1 - slot)
 
-        local_1E = rows_vmem[slot] - row0
-        onehot_RE = jax.lax.broadcasted_iota(jnp.int32, (block_rows, chunk), 0) == local_1E
-        scaled_RE = jnp.where(onehot_RE, w_vmem[slot], 0.0)
-        acc_vmem[...] += jnp.dot(scaled_RE, dout_vmem[slot], precision=_HIGHEST,
+        local_1J = rows_vmem[slot] - row0
+        onehot_SJ = jax.lax.broadcasted_iota(jnp.int32, (block_rows, chunk), 0) == local_1J
+        scaled_SJ = jnp.where(onehot_SJ, w_vmem[slot], 0.0)
+        acc_vmem[...] += jnp.dot(scaled_SJ, dout_vmem[slot], precision=_HIGHEST,
                                  preferred_element_type=jnp.float32)
 
         @pl.when(k + 2 < n_chunks)
@@ -556,11 +559,11 @@ def sorted_row_grad(
   n_blocks = -(-n_slots // block_rows)
   itemsize = jnp.dtype(dtype).itemsize
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  bounds_B2 = jnp.stack([starts[:-1], starts[1:]], axis=1)
-  bounds_B2 = jnp.pad(bounds_B2, ((0, _round_up(n_blocks, _BOUNDS_ROWS) - n_blocks), (0, 0)))
+  bounds_Y2 = jnp.stack([starts[:-1], starts[1:]], axis=1)
+  bounds_Y2 = jnp.pad(bounds_Y2, ((0, _round_up(n_blocks, _BOUNDS_ROWS) - n_blocks), (0, 0)))
   return pl.pallas_call(
       kernel,
-      out_shape=_out_shape((n_slots, dim), dtype, rows_CE),
+      out_shape=_out_shape((n_slots, dim), dtype, rows_YJ),
       grid=(n_blocks, dim // block_dim),
       in_specs=[pl.BlockSpec((_BOUNDS_ROWS, 2), lambda b, c: (jax.lax.div(b, _BOUNDS_ROWS), 0),
                              memory_space=pltpu.SMEM),
@@ -583,4 +586,4 @@ def sorted_row_grad(
       ),
       interpret=interpret,
       name="memjax_sorted_row_grad",
-  )(bounds_B2, rows_CE, tok_CE, w_CE, dout_NV)
+  )(bounds_Y2, rows_YJ, tok_YJ, w_YJ, dout_NV)

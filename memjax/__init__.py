@@ -1,7 +1,9 @@
 """memjax: memory layers at scale (product-key memory, Memory+) in JAX and Flax NNX.
 
 The data flow, file by file: `config` -> `model` (blocks from `layers/`, the memory layer in
-`layers/memory.py`) -> `ops` (product-key top-k, the embedding bag) -> kernels in `pallas_kernels`.
+`layers/memory.py`, its slots chosen by `layers/selection.py`) -> `ops` (product-key top-k, the
+embedding bag) -> the kernels of a lookup impl (`pallas_kernels/impls.py`). docs/architecture.md
+draws it, and says where each kind of change goes.
 
 Axis letters, the one glossary of both packages (`memjax`, `pallas_kernels`). Arrays whose shapes
 matter carry them as a name suffix (`x_BTD`, `idx_NK`, `values_SV`, `scores_NH2M`), and a letter

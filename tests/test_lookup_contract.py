@@ -300,22 +300,22 @@ SETTINGS = settings(
 jitted_product_topk = jax.jit(product_topk, static_argnums=(2, 3))
 
 
-def brute_force_topk(s1_RN: np.ndarray, s2_RN: np.ndarray, knn: int):
+def brute_force_topk(s1_RM: np.ndarray, s2_RM: np.ndarray, knn: int):
   """All n^2 slots scored (slot i1 * n + i2 is the flat index of the outer sum), sorted."""
-  grid_RS = (s1_RN[:, :, None] + s2_RN[:, None, :]).reshape(len(s1_RN), -1)
+  grid_RS = (s1_RM[:, :, None] + s2_RM[:, None, :]).reshape(len(s1_RM), -1)
   order_RS = np.argsort(-grid_RS, axis=-1, kind="stable")
   return np.take_along_axis(grid_RS, order_RS, -1), order_RS
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def full_grid_topk(s1_RN, s2_RN, knn: int):
+def full_grid_topk(s1_RM, s2_RM, knn: int):
   """The reference's algorithm without pruning: top k per half, the whole k x k grid flattened
   with i outer and j inner, top k of that (lax.top_k: the lower index wins a tie)."""
-  n = s1_RN.shape[-1]
-  a_RK, i1_RK = jax.lax.top_k(s1_RN, knn)
-  b_RK, i2_RK = jax.lax.top_k(s2_RN, knn)
-  grid_RG = (a_RK[:, :, None] + b_RK[:, None, :]).reshape(len(s1_RN), -1)
-  slots_RG = (i1_RK[:, :, None] * n + i2_RK[:, None, :]).reshape(len(s1_RN), -1)
+  n = s1_RM.shape[-1]
+  a_RK, i1_RK = jax.lax.top_k(s1_RM, knn)
+  b_RK, i2_RK = jax.lax.top_k(s2_RM, knn)
+  grid_RG = (a_RK[:, :, None] + b_RK[:, None, :]).reshape(len(s1_RM), -1)
+  slots_RG = (i1_RK[:, :, None] * n + i2_RK[:, None, :]).reshape(len(s1_RM), -1)
   scores_RK, best_RK = jax.lax.top_k(grid_RG, knn)
   return scores_RK, jnp.take_along_axis(slots_RG, best_RK, -1)
 
@@ -337,9 +337,9 @@ def problems(draw, integer_scores: bool):
 @SETTINGS
 @given(problems(integer_scores=False))
 def test_equals_brute_force(impl, problem):
-  s1_RN, s2_RN, knn = problem
-  scores_RK, slots_RK = jitted_product_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn, impl)
-  want_scores_RS, want_slots_RS = brute_force_topk(s1_RN, s2_RN, knn)
+  s1_RM, s2_RM, knn = problem
+  scores_RK, slots_RK = jitted_product_topk(jnp.asarray(s1_RM), jnp.asarray(s2_RM), knn, impl)
+  want_scores_RS, want_slots_RS = brute_force_topk(s1_RM, s2_RM, knn)
   # Continuous random scores: a tie at the cut (which would make the set ambiguous) is rare.
   if knn < want_scores_RS.shape[-1]:
     assume((want_scores_RS[:, knn - 1] > want_scores_RS[:, knn]).all())
@@ -352,9 +352,9 @@ def test_equals_brute_force(impl, problem):
 @SETTINGS
 @given(problems(integer_scores=True))
 def test_equals_full_grid_with_ties(impl, problem):
-  s1_RN, s2_RN, knn = problem
-  scores_RK, slots_RK = jitted_product_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn, impl)
-  want_scores_RK, want_slots_RK = full_grid_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn)
+  s1_RM, s2_RM, knn = problem
+  scores_RK, slots_RK = jitted_product_topk(jnp.asarray(s1_RM), jnp.asarray(s2_RM), knn, impl)
+  want_scores_RK, want_slots_RK = full_grid_topk(jnp.asarray(s1_RM), jnp.asarray(s2_RM), knn)
   np.testing.assert_array_equal(scores_RK, want_scores_RK)
   np.testing.assert_array_equal(slots_RK, want_slots_RK)  # same slots, same order
 
@@ -374,19 +374,19 @@ def test_tie_breaking_follows_the_flattened_grid(impl):
 @SETTINGS
 @given(problems(integer_scores=False))
 def test_gradients_reach_only_selected_entries(impl, problem):
-  s1_RN, s2_RN, knn = problem
-  n = s1_RN.shape[-1]
-  cot_RK = np.random.default_rng(knn).standard_normal((len(s1_RN), knn)).astype(np.float32)
+  s1_RM, s2_RM, knn = problem
+  n = s1_RM.shape[-1]
+  cot_RK = np.random.default_rng(knn).standard_normal((len(s1_RM), knn)).astype(np.float32)
   loss = lambda s1, s2: jnp.sum(product_topk(s1, s2, knn, impl)[0] * cot_RK)
-  d1_RN, d2_RN = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(s1_RN), jnp.asarray(s2_RN))
-  _, slots_RK = jitted_product_topk(jnp.asarray(s1_RN), jnp.asarray(s2_RN), knn, impl)
+  d1_RM, d2_RM = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(s1_RM), jnp.asarray(s2_RM))
+  _, slots_RK = jitted_product_topk(jnp.asarray(s1_RM), jnp.asarray(s2_RM), knn, impl)
   # Score k is s1[i1] + s2[i2]: its cotangent goes to exactly those two entries.
-  want1_RN, want2_RN = np.zeros_like(s1_RN), np.zeros_like(s2_RN)
+  want1_RM, want2_RM = np.zeros_like(s1_RM), np.zeros_like(s2_RM)
   for r, k in np.ndindex(slots_RK.shape):
-    want1_RN[r, int(slots_RK[r, k]) // n] += cot_RK[r, k]
-    want2_RN[r, int(slots_RK[r, k]) % n] += cot_RK[r, k]
-  np.testing.assert_allclose(d1_RN, want1_RN, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(d2_RN, want2_RN, rtol=1e-6, atol=1e-6)
+    want1_RM[r, int(slots_RK[r, k]) // n] += cot_RK[r, k]
+    want2_RM[r, int(slots_RK[r, k]) % n] += cot_RK[r, k]
+  np.testing.assert_allclose(d1_RM, want1_RM, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(d2_RM, want2_RM, rtol=1e-6, atol=1e-6)
 
 
 @with_impls

@@ -15,8 +15,7 @@ from memjax import sharding
 from memjax.config import ModelConfig
 from memjax.layers import init
 from memjax.layers.selection import ProductKeys
-from memjax.ops import embedding_bag
-from memjax.ops.memory_parallel import sharded_embedding_bag
+from memjax.ops.memory_parallel import bag_on_mesh
 from memjax.ops.table_rows import compact_rows
 
 # Under `nnx.capture`: the gradient of the rows a sparse read gathered (an nnx.Perturbation),
@@ -24,20 +23,6 @@ from memjax.ops.table_rows import compact_rows
 TABLE_ROWS, TABLE_ROW_IDS = "table_rows", "table_row_ids"
 # The nnx.Intermediate a layer viewed with `record_selection=True` sows: (slots_NHK, weights_NHK).
 SELECTION = "selection"
-
-
-def sharded_bag(table_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, impl: str) -> jax.Array:
-  """`embedding_bag`, per device on its tokens when the current mesh has several devices, and
-  over the table's column slices when its `sharding.MEMORY` axis does
-  (`memjax.ops.memory_parallel`)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  memory_parallel = sharding.MEMORY in mesh.axis_names and mesh.shape[sharding.MEMORY] > 1
-  if memory_parallel or sharding.token_mesh(idx_NK.shape[0]) is not None:
-    return sharded_embedding_bag(
-        table_SV, idx_NK, w_NK, mesh=mesh, token_axes=sharding.BATCH,
-        memory_axis=sharding.MEMORY, impl=impl,
-    )
-  return embedding_bag(table_SV, idx_NK, w_NK, impl=impl)
 
 
 class MemoryValues(nnx.Param):
@@ -119,11 +104,11 @@ class ProductKeyMemory(nnx.Module):
     gradient `nnx.capture` records (`sparse_table_grad`)."""
     table_SV = self.values[...]
     if not self.sparse_table_grad:
-      return sharded_bag(table_SV, idx_NK, w_NK, self.impl)
+      return bag_on_mesh(table_SV, idx_NK, w_NK, self.impl)
     rows_U, local_NK = compact_rows(idx_NK, table_SV.shape[0])
     table_UV = jnp.take(table_SV, rows_U, axis=0, mode="clip")
     self.sow(nnx.Intermediate, TABLE_ROW_IDS, rows_U, reduce_fn=lambda _, new: new)
-    return sharded_bag(self.perturb(TABLE_ROWS, table_UV), local_NK, w_NK, self.impl)
+    return bag_on_mesh(self.perturb(TABLE_ROWS, table_UV), local_NK, w_NK, self.impl)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     b, t, d = x_BTD.shape

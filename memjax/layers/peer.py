@@ -16,8 +16,8 @@ from flax import nnx
 from memjax import sharding
 from memjax.config import ModelConfig
 from memjax.layers import init
-from memjax.layers.memory import sharded_bag
 from memjax.layers.selection import ProductKeys
+from memjax.ops.memory_parallel import bag_on_mesh
 
 
 class PEER(nnx.Module):
@@ -58,5 +58,5 @@ class PEER(nnx.Module):
     act_NL = jax.nn.gelu(jnp.einsum("nd,nld->nl", x_ND, u_NLD), approximate=False)
     act_NL = act_NL * weights_NHK.reshape(b * t, -1).astype(act_NL.dtype)
     # The down projection is a weighted bag of v rows: the memory layer's op and its backward.
-    out_ND = sharded_bag(self.values_v.embedding[...], experts_NL, act_NL, self.impl)
+    out_ND = bag_on_mesh(self.values_v.embedding[...], experts_NL, act_NL, self.impl)
     return out_ND.reshape(b, t, d)

@@ -23,6 +23,7 @@ from typing import Sequence
 import jax
 from jax.sharding import PartitionSpec as P
 
+from memjax import sharding
 from memjax.ops.embedding_bag import embedding_bag
 
 
@@ -76,3 +77,17 @@ def sharded_embedding_bag(
       out_specs=token_spec,
   )
   return lookup(values_SV, idx_NK, w_NK)
+
+
+def bag_on_mesh(table_SV: jax.Array, idx_NK: jax.Array, w_NK: jax.Array, impl: str) -> jax.Array:
+  """`embedding_bag` on the current mesh (the caller's `jax.set_mesh`): per device on its tokens
+  when the mesh has several devices, and over the table's column slices when its
+  `sharding.MEMORY` axis does; one op without a mesh. What the layers call."""
+  mesh = jax.sharding.get_abstract_mesh()
+  memory_parallel = sharding.MEMORY in mesh.axis_names and mesh.shape[sharding.MEMORY] > 1
+  if memory_parallel or sharding.token_mesh(idx_NK.shape[0]) is not None:
+    return sharded_embedding_bag(
+        table_SV, idx_NK, w_NK, mesh=mesh, token_axes=sharding.BATCH,
+        memory_axis=sharding.MEMORY, impl=impl,
+    )
+  return embedding_bag(table_SV, idx_NK, w_NK, impl=impl)

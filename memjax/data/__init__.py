@@ -1,7 +1,8 @@
 """memjax's data: documents -> token ids -> packed (batch, seq_len + 1) int32 batches.
 
     sources.py     random-access documents (str): a TFDS dataset's data source (ArrayRecord,
-                   no TensorFlow), or local text / JSONL files
+                   no TensorFlow), local text / JSONL files, or Lingua's weighted JSONL chunk
+                   folders (a `Mixture`)
     knowledge.py   the embedded corpus: biographies of fictional people as a locally built TFDS
                    dataset, and completion probes of their facts (recall vs chance)
     tokenizers.py  text <-> ids: bytes (the reference's), SentencePiece, tiktoken; BOS and EOS ids
@@ -31,7 +32,9 @@ from memjax.data.pipeline import ShardGroup, eval_batches, make_batches, make_sh
 from memjax.data.sources import (
     DataError,
     DocumentSource,
+    Mixture,
     file_source,
+    lingua_source,
     split_heldout,
     tfds_source,
 )
@@ -45,9 +48,9 @@ from memjax.data.tokenizers import (
 )
 
 __all__ = [
-    "ATTRIBUTES", "ByteTokenizer", "DataError", "DocumentSource", "Person", "Probe",
+    "ATTRIBUTES", "ByteTokenizer", "DataError", "DocumentSource", "Mixture", "Person", "Probe",
     "SentencePieceTokenizer", "ShardGroup", "TOKENIZER_KINDS", "TiktokenTokenizer", "Tokenizer",
     "biographies", "biography", "build_knowledge_dataset", "chance_level", "dataset_name",
-    "eval_batches", "file_source", "make_batches", "make_people", "make_shard_group",
-    "make_tokenizer", "probe_ids", "probes", "split_heldout", "tfds_source",
+    "eval_batches", "file_source", "lingua_source", "make_batches", "make_people",
+    "make_shard_group", "make_tokenizer", "probe_ids", "probes", "split_heldout", "tfds_source",
 ]

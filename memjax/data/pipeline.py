@@ -3,6 +3,10 @@
     documents (a source) -> this process's shard -> shuffled per epoch -> repeated
       -> tokenized, framed as BOS doc EOS -> packed into rows -> batches (B, T+1) int32
 
+Mixtures. A `Mixture`'s sources each go through shard, shuffle and repeat on their own (each
+from its own seed) and are then interleaved by `grain.MapDataset.mix` in proportion to their
+weights, before tokenizing; the mixed dataset is indexable, so it resumes like one source.
+
 Packing. The framed documents, in the shuffled order, form one token stream s. With T = seq_len,
 row r is s[r*T : r*T + T + 1]: consecutive rows overlap by one token (the last token of a row is
 the first of the next). A row is both the inputs (row[:-1]) and the next-token targets (row[1:]),
@@ -27,12 +31,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import zlib
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
-from memjax.data.sources import DataError, DocumentSource
+from memjax.data.sources import DataError, DocumentSource, Mixture
 from memjax.data.tokenizers import Tokenizer
 
 # Documents are read and tokenized by a few threads ahead of the packer. Tokenizers hold the GIL
@@ -40,8 +45,9 @@ from memjax.data.tokenizers import Tokenizer
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
 
 
-def _frame(tokenizer: Tokenizer, text: str) -> np.ndarray:
-  return np.array([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], dtype=np.int32)
+def _frame(tokenizer: Tokenizer, add_bos: bool, add_eos: bool, text: str) -> np.ndarray:
+  ids = [tokenizer.bos_id] * add_bos + tokenizer.encode(text) + [tokenizer.eos_id] * add_eos
+  return np.array(ids, dtype=np.int32)
 
 
 class _PackedRowsIterator(grain.DatasetIterator):
@@ -104,8 +110,23 @@ def _check(ok: bool, name: str, message: str) -> None:
     raise ValueError(f"{name}: {message}")
 
 
+def _documents(
+    source: DocumentSource, seed: int | None, shard_index: int, shard_count: int,
+    num_epochs: int | None,
+) -> grain.MapDataset:
+  """This shard's documents of one source, shuffled from `seed`, repeated `num_epochs` times."""
+  if len(source) < shard_count:
+    raise DataError(f"{_describe(source)}: fewer documents than processes ({shard_count})")
+  docs = grain.MapDataset.source(source)[shard_index::shard_count]
+  if seed is not None:
+    # grain seeds epoch e with seed + e; a hashed seed keeps run s's epoch 1 from being run
+    # s+1's epoch 0.
+    docs = docs.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
+  return docs.repeat(num_epochs)
+
+
 def _rows(
-    source: DocumentSource,
+    source: DocumentSource | Mixture,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -113,6 +134,8 @@ def _rows(
     shard_index: int,
     shard_count: int,
     num_epochs: int | None,
+    add_bos: bool = True,
+    add_eos: bool = True,
 ) -> grain.IterDataset:
   """Packed rows of this shard's documents, shuffled from `seed` (None: in source order)."""
   _check(seq_len >= 1, "seq_len", f"must be >= 1, got {seq_len}")
@@ -125,15 +148,21 @@ def _rows(
   _check(
       num_epochs is None or num_epochs >= 1, "num_epochs", f"must be None or >= 1, got {num_epochs}"
   )
-  if len(source) < shard_count:
-    raise DataError(f"{_describe(source)}: fewer documents than processes ({shard_count})")
-  docs = grain.MapDataset.source(source)[shard_index::shard_count]
-  if seed is not None:
-    _check(seed >= 0, "seed", f"must be >= 0, got {seed}")
-    # grain seeds epoch e with seed + e; a hashed seed keeps run s's epoch 1 from being run
-    # s+1's epoch 0.
-    docs = docs.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
-  docs = docs.repeat(num_epochs).map(functools.partial(_frame, tokenizer))
+  _check(seed is None or seed >= 0, "seed", f"must be >= 0, got {seed}")
+  if isinstance(source, Mixture):
+    # Each source is shuffled from the run's seed and its name: adding a source leaves the
+    # others' orders as they were.
+    parts = [
+        _documents(
+            part, None if seed is None else [seed, zlib.crc32(name.encode())], shard_index,
+            shard_count, num_epochs,
+        )
+        for name, part in source.parts.items()
+    ]
+    docs = grain.MapDataset.mix(parts, list(source.weights.values()))
+  else:
+    docs = _documents(source, seed, shard_index, shard_count, num_epochs)
+  docs = docs.map(functools.partial(_frame, tokenizer, add_bos, add_eos))
   return _PackedRows(docs.to_iter_dataset(_READ_OPTIONS), seq_len)
 
 
@@ -148,18 +177,21 @@ def make_batches(
     shard_count: int = 1,
     num_epochs: int | None = None,
     prefetch: int = 2,
+    add_bos: bool = True,
+    add_eos: bool = True,
 ) -> grain.DatasetIterator:
   """Training batches: `next()` gives an int32 array (batch_size, seq_len + 1) of packed rows.
 
   Endless unless `num_epochs` is given. `batch_size` is this process's share of the global
   batch. `prefetch` batches are prepared ahead in a background thread (0: none). The iterator
   has `get_state()` / `set_state(state)`; see the module docstring for packing and resuming.
+  `source` may be a `Mixture`; `add_bos` / `add_eos` frame each document with BOS / EOS.
   """
   _check(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
   _check(prefetch >= 0, "prefetch", f"must be >= 0, got {prefetch}")
   rows = _rows(
       source, tokenizer, seq_len=seq_len, seed=seed, shard_index=shard_index,
-      shard_count=shard_count, num_epochs=num_epochs,
+      shard_count=shard_count, num_epochs=num_epochs, add_bos=add_bos, add_eos=add_eos,
   )
   batches = rows.batch(batch_size, drop_remainder=True)
   if prefetch:
@@ -246,6 +278,8 @@ def eval_batches(
     num_batches: int | None = None,
     shard_index: int = 0,
     shard_count: int = 1,
+    add_bos: bool = True,
+    add_eos: bool = True,
 ) -> list[np.ndarray]:
   """A fixed eval set: packed batches of one unshuffled pass over held-out documents.
 
@@ -261,7 +295,7 @@ def eval_batches(
   )
   rows = _rows(
       source, tokenizer, seq_len=seq_len, seed=None, shard_index=shard_index,
-      shard_count=shard_count, num_epochs=1,
+      shard_count=shard_count, num_epochs=1, add_bos=add_bos, add_eos=add_eos,
   )
   batches = iter(rows.batch(batch_size, drop_remainder=True))
   out = list(batches) if num_batches is None else list(itertools.islice(batches, num_batches))

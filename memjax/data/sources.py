@@ -5,6 +5,8 @@
   TensorFlow).
 - `file_source`: local files matching a glob; a `.jsonl` file holds one document per line (a JSON
   object with the text under `text_key`), any other file is one UTF-8 document.
+- `lingua_source`: Lingua's layout, `root_dir/<name>/*.chunk.*.jsonl` for each named source, as a
+  `Mixture` that the pipeline draws from in proportion to the sources' weights.
 - `split_heldout`: the last documents of a source, held out for the eval loss.
 
 Bad data fails when the source is made, with a `DataError` that names the file and position.
@@ -15,10 +17,12 @@ from __future__ import annotations
 import glob
 import json
 import pathlib
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from memjax.config import ConfigError
 
 
 class DataError(ValueError):
@@ -156,6 +160,46 @@ def file_source(patterns: str | Sequence[str], text_key: str = "text") -> FileDo
     raise DataError(f"data.path: the files matching {', '.join(map(repr, patterns))} are empty")
   starts, stops = np.array(spans, dtype=np.int64).reshape(-1, 2).T
   return FileDocuments(paths, np.array(file_index, np.int32), starts, stops, text_key)
+
+
+class Mixture:
+  """Named sources and their weights: the pipeline draws documents from each in proportion."""
+
+  def __init__(self, parts: Mapping[str, DocumentSource], weights: Mapping[str, float]):
+    self.parts, self.weights = dict(parts), {name: weights[name] for name in parts}
+
+  def __len__(self) -> int:
+    return sum(len(part) for part in self.parts.values())
+
+  def __repr__(self) -> str:
+    shares = [f"{n} {self.weights[n]:g} ({len(part)} documents)" for n, part in self.parts.items()]
+    return f"Mixture({', '.join(shares)})"
+
+
+# Lingua's chunk files: `<name>.chunk.<k>.jsonl`, one JSON object per line.
+CHUNK_GLOB = "*.chunk.*.jsonl"
+
+
+def lingua_source(root_dir: str, sources: Mapping[str, float], text_key: str = "text") -> Mixture:
+  """The documents of Lingua's `root_dir/<name>/*.chunk.*.jsonl`, for each name of `sources`.
+
+  Every chunk file of a source is read (Lingua gives each rank its own files; here the pipeline's
+  shards split every source's documents instead, so any shard count works).
+  """
+  root = pathlib.Path(root_dir)
+  if not root.is_dir():
+    raise ConfigError("data.root_dir", f"no such directory: {root_dir}")
+  parts = {}
+  for name, weight in sources.items():
+    if not weight > 0:
+      raise ConfigError(f"data.sources.{name}", f"must be a weight > 0, got {weight}")
+    chunks = sorted(root.joinpath(name).glob(CHUNK_GLOB))
+    if not chunks:
+      raise ConfigError(
+          f"data.sources.{name}", f"no chunk files ({CHUNK_GLOB}) in {root.joinpath(name)}"
+      )
+    parts[name] = file_source([glob.escape(str(p)) for p in chunks], text_key)
+  return Mixture(parts, sources)
 
 
 class _Slice:

@@ -103,6 +103,10 @@ def make_inputs(cfg: Config, process_index: int = 0, process_count: int = 1) -> 
     source = data.tfds_source(d.name, d.split, d.data_dir or None, d.text_key)
     heldout = data.tfds_source(d.name, d.eval_split, d.data_dir or None, d.text_key) if d.eval_split else None
     description = f"TFDS {d.name} split {d.split}"
+  elif d.source == "lingua":
+    source = data.lingua_source(d.root_dir, d.sources, d.text_key)
+    heldout = data.file_source(d.eval_path, d.text_key) if d.eval_path else None
+    description = f"Lingua sources in {d.root_dir}: {source!r}"
   else:
     source = data.file_source(d.path, d.text_key)
     heldout = data.file_source(d.eval_path, d.text_key) if d.eval_path else None
@@ -110,6 +114,7 @@ def make_inputs(cfg: Config, process_index: int = 0, process_count: int = 1) -> 
   iterator = data.make_shard_group(
       source, tokenizer, rows_per_shard=rows_per_shard, shard_ids=shard_ids,
       shard_count=shard_count, seq_len=train.seq_len, seed=seed, prefetch=d.prefetch,
+      add_bos=d.add_bos, add_eos=d.add_eos,
   )
   eval_batches = []
   if heldout is not None:
@@ -117,6 +122,7 @@ def make_inputs(cfg: Config, process_index: int = 0, process_count: int = 1) -> 
         data.eval_batches(
             heldout, tokenizer, batch_size=rows_per_shard, seq_len=train.seq_len,
             num_batches=train.eval_batches, shard_index=i, shard_count=shard_count,
+            add_bos=d.add_bos, add_eos=d.add_eos,
         )
         for i in shard_ids
     ]

@@ -388,12 +388,13 @@ def bandwidth(kernel_impl: str, shape: dict, copy_GBps: float, reps: int, run_ke
 def train_step_times(impls, layers: int, dry: bool, reps: int) -> dict:
   # Three memory layers spread like the reference's blocks 4, 12 and 20 of 24.
   memory_layers = [layers - 1] if dry else sorted({round((2 * i + 1) * layers / 6) for i in range(3)})
-  overrides = [f"model.n_layers={layers}", f"model.memory.layers=[{','.join(map(str, memory_layers))}]"]
+  overrides = [f"model.n_layers={layers}", f"model.memory.layers=[{','.join(map(str, memory_layers))}]",
+               "train.grad_accum=1"]  # one step of the batch below, not the recipe's micro-batches
   if dry:
     overrides += ["model.dim=64", "model.n_heads=2", "model.memory.n_keys=16", "model.memory.k_dim=32",
                   "model.memory.heads=2", "model.memory.knn=4", "train.batch_size=2", "train.seq_len=32"]
   else:
-    overrides += ["train.batch_size=8", "train.seq_len=1024", "train.grad_accum=1"]
+    overrides += ["train.batch_size=8", "train.seq_len=1024"]
   results = {impl: attempt(_train_step_time, impl, overrides, reps) for impl in impls}
   return dict(layers=layers, memory_layers=memory_layers, overrides=overrides, impls=results)
 

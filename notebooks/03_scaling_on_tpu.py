@@ -170,7 +170,8 @@ if ON_TPU:
   # train.py's default, auto, takes the Pallas kernels.
   run_cfg = config_loading.load("pkplus_373m_1024k", [
       "model.memory.n_keys=512", "model.memory.impl=xla", f"mesh.memory={n}", "mesh.data=1",
-      "train.seq_len=1024", f"train.batch_size={4 * n}", "optim.state_dtype=bfloat16",
+      "train.seq_len=1024", f"train.batch_size={4 * n}", "train.grad_accum=1",
+      "optim.state_dtype=bfloat16",
       "train.steps=100",
   ])
   steps = 20
@@ -211,10 +212,11 @@ print("loss by step:", " ".join(f"{loss:.3f}" for loss in losses))
 #
 # The paper's 373M Memory+ model (`configs/pkplus_373m_1024k.yaml`: a 1024² x 1024 table in
 # bfloat16 beside 367M other parameters) on a v5p-8 (4 chips of 95 GiB) with the table over all
-# 4, and on a v5e-8 (8 chips of 16 GiB) over all 8. The batch is the config's: memjax's default
-# of 16 sequences of 128 tokens (the temporaries grow with it; add `train.batch_size=...` and
-# `train.seq_len=...` overrides to check your own). Each compile takes a few minutes on 2 CPU
-# cores; the smoke mode compiles the tiny model instead.
+# 4, and on a v5e-8 (8 chips of 16 GiB) over all 8, at a small batch: 16 sequences of 128 tokens
+# in one step (the temporaries grow with it; the config's own recipe, 2048 sequences of 4096
+# tokens in 512 micro-batches, fits the v5p-8 too: docs/results.md). Change the
+# `train.batch_size`, `train.seq_len` and `train.grad_accum` overrides to check your own. Each
+# compile takes a few minutes on 2 CPU cores; the smoke mode compiles the tiny model instead.
 
 # %%
 from memjax import aot
@@ -225,7 +227,10 @@ else:
   targets = [("pkplus_373m_1024k", "v5p-8", 4), ("pkplus_373m_1024k", "v5e-8", 8)]
 results = []
 for name, topology, memory in targets:
-  aot_cfg = config_loading.load(name, ["model.memory.impl=xla", f"mesh.memory={memory}", "mesh.data=-1"])
+  aot_cfg = config_loading.load(name, [
+      "model.memory.impl=xla", f"mesh.memory={memory}", "mesh.data=-1",
+      "train.batch_size=16", "train.seq_len=128", "train.grad_accum=1",
+  ])
   figures = aot.compile_for(aot_cfg, topology)
   batch = f"batch {aot_cfg.train.batch_size} x {aot_cfg.train.seq_len} tokens"
   print(f"{name}, {batch}, on {aot.report(figures)}\n")

@@ -22,7 +22,7 @@ BagImpl = Literal["auto", *impls.NAMES]
 MoEImpl = Literal["auto", "ragged", "blocked"]
 Scheduler = Literal["linear", "cosine"]
 TableUpdate = Literal["dense", "sparse"]
-DataSource = Literal["knowledge", "tfds", "files"]
+DataSource = Literal["knowledge", "tfds", "files", "lingua"]
 Initialize = Literal["auto", "on", "off"]
 TokenizerKind = Literal["bytes", "sentencepiece", "tiktoken"]
 
@@ -276,8 +276,13 @@ class DataConfig:
   eval_split: str = ""  # held-out TFDS split for eval loss; "" = no eval loss (source=tfds)
   data_dir: str = ""  # TFDS data_dir, local or gs://; "" = TFDS's default (memjax's cache for knowledge)
   path: str = ""  # glob of text or JSONL files (source=files)
-  eval_path: str = ""  # glob of held-out files; "" = no eval loss (source=files)
+  eval_path: str = ""  # glob of held-out files; "" = no eval loss (source=files or lingua)
   text_key: str = "text"  # the text feature of TFDS examples and JSONL records
+  # Lingua's layout (source=lingua): root_dir/<name>/*.chunk.*.jsonl per source, drawn by weight.
+  root_dir: str = ""
+  sources: dict[str, float] = dataclasses.field(default_factory=dict)  # source folder -> weight
+  add_bos: bool = True  # frame every document as BOS doc EOS (the reference's defaults)
+  add_eos: bool = True
   tokenizer: TokenizerKind = "bytes"  # the reference's byte ids: BOS 256, EOS 257
   tokenizer_path: str = ""  # model file of a sentencepiece or tiktoken tokenizer
   prefetch: int = 2  # batches prepared ahead of the step
@@ -295,6 +300,11 @@ class DataConfig:
       _check(bool(self.name), "name", "must name a TFDS dataset when source is 'tfds'")
     if self.source == "files":
       _check(bool(self.path), "path", "must be a glob of text/JSONL files when source is 'files'")
+    for name, weight in self.sources.items():
+      _check(weight > 0, f"sources.{name}", f"must be a weight > 0, got {weight}")
+    if self.source == "lingua":
+      _check(bool(self.root_dir), "root_dir", "must be the sources' folder when source is 'lingua'")
+      _check(bool(self.sources), "sources", "must map folders to weights when source is 'lingua'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +379,9 @@ class OptimConfig:
   scheduler: Scheduler = "linear"  # after warmup: linear (the reference's) or cosine decay
   warmup: int = 30  # steps of linear warmup from 0
   lr_min_ratio: float = 0.01  # the decay ends at each base rate times lr_min_ratio
+  # The reference's cosine: cos(pi * progress**cosine_theta / cycle_length); 1, 1 = a half-cycle.
+  cycle_length: float = 1.0
+  cosine_theta: float = 1.0
   weight_decay: float = 0.1  # on every parameter, the table included, as in the reference
   clip: float = 1.0  # global-norm clip, applied to the value table and to the rest separately
   state_dtype: DType = "float32"  # Adam moments; bfloat16 halves their memory
@@ -381,6 +394,8 @@ class OptimConfig:
     _check(self.value_lr >= 0, "value_lr", f"must be >= 0, got {self.value_lr}")
     _check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
     _check(0 <= self.lr_min_ratio <= 1, "lr_min_ratio", f"must be in [0, 1], got {self.lr_min_ratio}")
+    _check(self.cycle_length > 0, "cycle_length", f"must be > 0, got {self.cycle_length}")
+    _check(self.cosine_theta > 0, "cosine_theta", f"must be > 0, got {self.cosine_theta}")
     _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
     _check(self.clip > 0, "clip", f"must be > 0, got {self.clip}")
 
@@ -458,6 +473,13 @@ def _convert(tp: Any, value: Any, field: str) -> Any:
     if not isinstance(value, (list, tuple)):
       raise ConfigError(field, f"must be a list, got {value!r}")
     return tuple(_convert(item_tp, v, f"{field}[{i}]") for i, v in enumerate(value))
+  if origin is dict:
+    (key_tp, item_tp) = typing.get_args(tp)
+    if not isinstance(value, dict):
+      raise ConfigError(field, f"must be a mapping, got {value!r}")
+    return {
+        _convert(key_tp, k, field): _convert(item_tp, v, f"{field}.{k}") for k, v in value.items()
+    }
   if dataclasses.is_dataclass(tp):
     if not isinstance(value, dict):
       raise ConfigError(field, f"must be a mapping, got {value!r}")

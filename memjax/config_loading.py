@@ -109,7 +109,9 @@ def load_dict(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) ->
 def load(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
   """The validated config of a YAML file (memjax's own or one of `FORMATS`) plus overrides.
 
-  Overrides are merged before any mapping, so they use the file's own key names.
+  Overrides are merged before any mapping, so they use the file's own key names. A Lingua file is
+  read as a training setup: what memjax cannot train with is refused by name
+  (`memjax.interop.lingua.to_memjax`).
   """
   data = load_dict(path, overrides)
   for detect, convert in FORMATS:

@@ -39,19 +39,35 @@ B1, B2, EPS = 0.9, 0.95, 1e-8
 
 
 def lr_multiplier(
-    steps: int, warmup: int, min_ratio: float, scheduler: str = "linear"
+    steps: int, warmup: int, min_ratio: float, scheduler: str = "linear",
+    cycle_length: float = 1.0, cosine_theta: float = 1.0,
 ) -> optax.Schedule:
-  """0 -> 1 linearly over `warmup`, then down to `min_ratio` at `steps`, linearly or cosine."""
+  """0 -> 1 linearly over `warmup`, then down to `min_ratio` at `steps`, linearly or cosine.
+
+  The cosine is the reference's: at progress s in [0, 1] after warmup, min_ratio + (1 -
+  min_ratio) * (1 + cos(pi * s**cosine_theta / cycle_length)) / 2; the defaults make it one
+  half-cycle (optax's cosine decay).
+  """
   decay_steps = max(steps - warmup, 1)
   if scheduler == "linear":
     decay = optax.linear_schedule(1.0, min_ratio, decay_steps)
   elif scheduler == "cosine":
-    decay = optax.cosine_decay_schedule(1.0, decay_steps, alpha=min_ratio)
+    def decay(count):
+      s = jnp.clip(count / decay_steps, 0.0, 1.0)
+      cosine = jnp.cos(jnp.pi * s**cosine_theta / cycle_length)
+      return min_ratio + 0.5 * (1 - min_ratio) * (1 + cosine)
   else:
     raise ValueError(f"optim.scheduler: must be 'linear' or 'cosine', got {scheduler!r}")
   return optax.join_schedules(
       [optax.linear_schedule(0.0, 1.0, max(warmup, 1)), decay], boundaries=[warmup]
   )
+
+
+def config_lr_multiplier(cfg: Config) -> optax.Schedule:
+  """`lr_multiplier` of a run's `train.steps` and `optim` section."""
+  o = cfg.optim
+  return lr_multiplier(cfg.train.steps, o.warmup, o.lr_min_ratio, o.scheduler, o.cycle_length,
+                       o.cosine_theta)
 
 
 def param_group(variable: nnx.Variable) -> str:
@@ -90,8 +106,7 @@ class AdamW:
 
   def __init__(self, cfg: Config):
     optim = cfg.optim
-    self.multiplier = lr_multiplier(
-        cfg.train.steps, optim.warmup, optim.lr_min_ratio, optim.scheduler)
+    self.multiplier = config_lr_multiplier(cfg)
     self.base_lr = {"dense": optim.lr, "values": optim.value_lr}
     self.clip = optim.clip
     self.weight_decay = optim.weight_decay

@@ -215,10 +215,12 @@ plt.show()
 #
 # A Lingua YAML file (here the reference's `pkplus_373m_1024k.yaml`, kept in `tests/data/lingua`)
 # loads as it is: `config_loading.load` recognises it and maps the model, its `productkey_args`, the
-# optimizer and schedule, the batch, the tokenizer and checkpointing onto memjax's config. Keys
-# that would change the network and that memjax lacks are refused by name; sections memjax has
-# no use for (data sources, the eval harness) are left out. Lingua's `data.batch_size` is per
-# GPU: multiply by the GPUs it ran on for memjax's global `train.batch_size`.
+# optimizer and schedule, the batch, the tokenizer, its data layout (`data.root_dir` and the
+# weighted `data.sources`: memjax's `lingua` data source) and checkpointing onto memjax's config.
+# Keys that would change training and that memjax lacks are refused by name; keys that only
+# concern logging, profiling or the eval harness are named in a warning. Lingua's
+# `data.batch_size` is per GPU: multiply by the GPUs it ran on for memjax's global
+# `train.batch_size`.
 
 # %%
 import yaml
@@ -242,9 +244,10 @@ def differences(ours: dict, defaults: dict) -> dict:
   """The entries of `ours` that differ from `defaults`: what a memjax YAML file states."""
   out = {}
   for key, value in ours.items():
-    if isinstance(value, dict):
-      value = differences(value, defaults[key])
-    if value != defaults[key] and value != {}:
+    default = defaults.get(key)
+    if isinstance(value, dict) and isinstance(default, dict) and default:  # a section
+      value = differences(value, default)
+    if value != default and value != {}:
       out[key] = value
   return out
 
@@ -259,6 +262,7 @@ counts = parameter_counts(nnx.eval_shape(lambda: Transformer(big.model, rngs=nnx
 print(f"{counts['total'] / 1e9:.2f}B parameters, {counts['active'] / 1e6:.0f}M used per token")
 
 # %% [markdown]
-# Either file trains the model: `python train.py config=tests/data/lingua/pkplus_373m_1024k.yaml`
+# Either file trains the model, with `data.root_dir` pointing at Lingua's prepared chunks:
+# `python train.py config=tests/data/lingua/pkplus_373m_1024k.yaml data.root_dir=/data/shuffled`
 # (`03_scaling_on_tpu` shows what it needs per device), and a model trained from it exports back
 # to a checkpoint the reference's loader reads.

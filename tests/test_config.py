@@ -6,6 +6,7 @@ import dataclasses
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -160,16 +161,65 @@ def test_bad_file_names_the_field(tmp_path, text, field, words):
 LINGUA_FILES = ["pkplus_373m_1024k", "dense_373m", "pk_7b", "llama_1B", "llama_7B", "debug"]
 
 
+def lingua_model(name: str, overrides=()) -> Config:
+  """A reference file's config as a trained model's (`training=False`): nothing about how it is
+  trained is checked or warned about."""
+  raw = config_loading.load_dict(lingua_path(name), overrides)
+  return config.from_dict(Config, lingua.to_memjax(raw, training=False))
+
+
+def lingua_trainable(name: str, overrides=()) -> Config:
+  """A reference file without its data layout (so that it trains on the synthetic corpus) and
+  its eval harness, loaded as `config_loading.load` loads a file."""
+  raw = config_loading.load_dict(lingua_path(name))
+  for key in ("root_dir", "sources"):
+    raw["data"].pop(key, None)
+  raw.pop("eval", None)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the ignored logging keys and the synthetic corpus
+    data = lingua.to_memjax(config_loading.merge_overrides(raw, overrides))
+  return config.from_dict(Config, data)
+
+
 @pytest.mark.parametrize("name", LINGUA_FILES)
-def test_lingua_files_load_unchanged(name):
+def test_lingua_files_map_as_trained_models(name):
   assert lingua.is_lingua(config_loading.load_dict(lingua_path(name)))
-  cfg = config_loading.load(lingua_path(name))
-  assert cfg.seed == 42  # model.seed, Lingua's default; the top-level 777 seeds the data
+  cfg = lingua_model(name)
+  assert cfg.seed == 42  # model.seed, Lingua's default; the top-level 777 seeds nothing we train
   assert cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32"
 
 
+@pytest.mark.parametrize("name", LINGUA_FILES)
+def test_lingua_files_train_on_their_own_data_layout(name):
+  # Never the synthetic corpus in its place: the same folders, mixed by the same weights.
+  raw = config_loading.load_dict(lingua_path(name))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the ignored logging keys and the eval harness
+    cfg = config.from_dict(Config, lingua.to_memjax(raw))
+  assert cfg.data.source == "lingua" and cfg.data.root_dir == raw["data"]["root_dir"]
+  assert cfg.data.sources == {k: float(v) for k, v in raw["data"]["sources"].items()}
+  assert cfg.data.add_bos and cfg.data.add_eos
+
+
+def test_lingua_data_sources_without_a_root_name_the_missing_root():
+  with pytest.raises(ConfigError) as err:
+    lingua.to_memjax({"model": {"dim": 64, "n_heads": 4}, "data": {"sources": {"dclm": 1.0}}})
+  assert err.value.field == "data.root_dir" and "needs both" in str(err.value)
+
+
+def test_lingua_eval_harness_is_named_in_a_warning_that_points_to_memjax_eval():
+  with pytest.warns(UserWarning, match=r"eval\.harness: .*train\.eval_every.*memjax\.eval"):
+    lingua.to_memjax({"model": {"dim": 64, "n_heads": 4}, "eval": {"harness": {"tasks": ["piqa"]}}})
+
+
+def test_lingua_file_without_data_trains_on_the_synthetic_corpus_and_says_so():
+  with pytest.warns(UserWarning, match="synthetic knowledge corpus"):
+    data = lingua.to_memjax({"model": {"dim": 64, "n_heads": 4}, "steps": 9})
+  assert config.from_dict(Config, data).data.source == "knowledge"
+
+
 def test_lingua_pkplus_373m_maps():
-  cfg = config_loading.load(lingua_path("pkplus_373m_1024k"))
+  cfg = lingua_model("pkplus_373m_1024k")
   m = cfg.model
   assert (m.dim, m.n_layers, m.n_heads, m.vocab_size) == (1024, 24, 16, 32000)
   assert (m.rope_theta, m.max_seqlen, m.ffn_hidden_dim) == (500000.0, 4096, 2816)
@@ -178,18 +228,19 @@ def test_lingua_pkplus_373m_maps():
   assert (mem.n_keys, mem.heads, mem.knn, mem.k_dim, mem.v_dim) == (1024, 4, 32, 512, -1)
   assert cfg.optim.value_lr == 1e-3 and mem.value_dtype == "bfloat16"
   assert mem.query_bias and not mem.qk_norm
+  assert cfg.mesh.memory == 8  # distributed.memory_parallel_size
 
 
 def test_lingua_dense_373m_has_no_memory():
   # The file also holds `path: !!CHANGETHIS!!`, a tag YAML does not know: read as a placeholder.
   tokenizer = config_loading.load_dict(lingua_path("dense_373m"))["data"]["tokenizer"]
   assert tokenizer["path"] == "!!CHANGETHIS!!"
-  m = config_loading.load(lingua_path("dense_373m")).model
+  m = lingua_model("dense_373m").model
   assert not m.memory.enabled and (m.dim, m.n_layers) == (1024, 24)
 
 
 def test_lingua_pk_7b_maps():
-  m = config_loading.load(lingua_path("pk_7b")).model
+  m = lingua_model("pk_7b").model
   assert (m.dim, m.n_layers, m.n_heads, m.rope_theta) == (4096, 32, 32, 100000.0)
   assert m.ffn_hidden_dim == 11008 and m.memory.layers == (4, 12, 20)
 
@@ -199,18 +250,18 @@ def test_lingua_pk_7b_maps():
     [("llama_1B", 128256, 4096), ("llama_7B", 128256, 4096), ("debug", 258, 2048)],
 )
 def test_lingua_dense_files_take_the_tokenizer_vocabulary(name, vocab, seqlen):
-  m = config_loading.load(lingua_path(name)).model
+  m = lingua_model(name).model
   assert (m.vocab_size, m.max_seqlen, m.memory.enabled) == (vocab, seqlen, False)
 
 
 @pytest.mark.parametrize("name", ["pkplus_373m_1024k", "dense_373m", "pk_7b"])
 def test_our_reference_configs_match_the_lingua_files(name):
-  assert config_loading.load(name).model == config_loading.load(lingua_path(name)).model
+  assert config_loading.load(name).model == lingua_model(name).model
 
 
 def test_lingua_overrides_use_lingua_names():
-  cfg = config_loading.load(
-      lingua_path("pkplus_373m_1024k"),
+  cfg = lingua_trainable(
+      "pkplus_373m_1024k",
       ["model.productkey_args.mem_knn=16", "model.vocab_size=1000", "distributed.model_dtype=fp32"],
   )
   assert cfg.model.memory.knn == 16 and cfg.model.vocab_size == 1000
@@ -218,13 +269,18 @@ def test_lingua_overrides_use_lingua_names():
 
 
 def test_lingua_head_dim_without_n_heads():
-  cfg = config_loading.load(lingua_path("debug"), ["model.n_heads=null", "model.head_dim=128"])
+  cfg = lingua_trainable("debug", ["model.n_heads=null", "model.head_dim=128"])
   assert (cfg.model.n_heads, cfg.model.resolved_head_dim) == (8, 128)
 
 
 BAD_LINGUA = {
     "unknown_top_level": (["wandb=1"], "wandb", "unknown key"),
     "unknown_model_key": (["model.attn_impl=sdpa"], "model.attn_impl", "LMTransformerArgs"),
+    "unknown_data_key": (["data.shuffle=true"], "data.shuffle", "DataArgs"),
+    "unknown_distributed_key": (["distributed.pp_size=2"], "distributed.pp_size",
+                                "DistributedArgs"),
+    "unknown_checkpoint_key": (["checkpoint.dump.every_s=60"], "checkpoint.dump.every_s",
+                               "SaveEvery"),
     "unknown_productkey_key": (
         ["model.productkey_args.mem_slots=3"], "model.productkey_args.mem_slots", "ProductKeyArgs"
     ),
@@ -234,8 +290,9 @@ BAD_LINGUA = {
              "PEER"),
     "negative_value_lr": (["model.productkey_args.value_fixed_lr=-1"],
                           "model.productkey_args.value_fixed_lr", "must be >= 0"),
-    "cosine_cycles": (["optim.scheduler=cosine", "optim.cycle_length=0.5"], "optim.cycle_length",
-                      "one half-cycle"),
+    "cosine_cycle_length": (["optim.scheduler=cosine", "optim.cycle_length=0"],
+                            "optim.cycle_length", "> 0"),
+    "inv_sqrt": (["optim.scheduler=inv_sqrt"], "optim.scheduler", "no inv_sqrt"),
     "knn_above_n_keys": (["model.productkey_args.mem_knn=2000"], "model.productkey_args.mem_knn",
                          "n_keys=1024"),
     "odd_k_dim": (["model.productkey_args.mem_k_dim=511"], "model.productkey_args.mem_k_dim",
@@ -250,13 +307,25 @@ BAD_LINGUA = {
     "no_heads": (["model.n_heads=null"], "model.n_heads", "head_dim"),
     "bad_seq_len": (["data.seq_len=0"], "data.seq_len", ">= 1"),
     "bad_seed": (["model.seed=abc"], "model.seed", "must be an int"),
+    "memory_parallel_not_dividing": (["distributed.memory_parallel_size=3"],
+                                     "distributed.memory_parallel_size", "value dim 1024"),
+    "tensor_parallel": (["distributed.tp_size=2"], "distributed.tp_size", "tensor parallelism"),
+    "float8": (["distributed.float8_recipe=rowwise"], "distributed.float8_recipe", "float8"),
+    "fsdp_type": (["distributed.fsdp_type=hybrid"], "distributed.fsdp_type", "full_shard"),
+    "init_ckpt_path": (["checkpoint.init_ckpt_path=/ckpt/consolidated.pth"],
+                       "checkpoint.init_ckpt_path", "load_consolidated"),
+    "checkpoint_path": (["checkpoint.path=/ckpt"], "checkpoint.path", "train.run_dir"),
+    "continue_from_init": (["checkpoint.continue_training_from_init=true"],
+                           "checkpoint.continue_training_from_init", "must be false"),
+    "one_view": (["data.n_views=1"], "data.n_views", "seq_len + 1"),
+    "root_dir_alone": (["data.root_dir=/data/shuffled"], "data.sources", "needs both"),
 }
 
 
 @pytest.mark.parametrize("overrides,field,words", BAD_LINGUA.values(), ids=BAD_LINGUA.keys())
 def test_bad_lingua_config_names_the_lingua_key(overrides, field, words):
   with pytest.raises(ConfigError) as err:
-    config_loading.load(lingua_path("pkplus_373m_1024k"), overrides)
+    lingua_trainable("pkplus_373m_1024k", overrides)
   assert err.value.field == field
   assert words in str(err.value)
 
@@ -272,7 +341,7 @@ def test_is_lingua():
 @pytest.mark.parametrize("name", ["pkplus_373m_1024k", "dense_373m", "pk_7b", "tiny"])
 def test_from_memjax_maps_back(name):
   cfg = config_loading.load(name, ["model.memory.value_dtype=bfloat16"])
-  back = config.from_dict(Config, lingua.to_memjax(lingua.from_memjax(cfg)))
+  back = config.from_dict(Config, lingua.to_memjax(lingua.from_memjax(cfg), training=False))
   assert back.seed == cfg.seed and back.optim == cfg.optim
   if cfg.model.memory.enabled:
     assert back.model == cfg.model
@@ -288,7 +357,7 @@ def test_from_memjax_refuses_what_the_reference_cannot_express():
 
 
 def test_lingua_training_keys_map():
-  cfg = config_loading.load(lingua_path("pkplus_373m_1024k"))
+  cfg = lingua_trainable("pkplus_373m_1024k", ["dump_dir=/runs/pk", "data.seed=5"])
   raw = config_loading.load_dict(lingua_path("pkplus_373m_1024k"))
   assert cfg.train.steps == raw["steps"]
   assert cfg.optim.lr == raw["optim"]["lr"]
@@ -300,39 +369,93 @@ def test_lingua_training_keys_map():
   assert cfg.train.batch_size == raw["data"]["batch_size"]
   assert cfg.train.checkpoint_every == raw["checkpoint"]["dump"]["every"]
   assert cfg.train.keep_checkpoints == raw["checkpoint"]["dump"]["keep"]
-  assert cfg.data.seed == raw["seed"] and cfg.data.tokenizer == "sentencepiece"
-  debug = config_loading.load(lingua_path("debug"), ["steps=7", "optim.lr=0.5", "grad_acc_steps=4"])
+  assert cfg.train.eval_every == raw["checkpoint"]["eval"]["every"]
+  assert cfg.train.run_dir == "/runs/pk"
+  assert cfg.data.seed == 5 and cfg.data.tokenizer == "sentencepiece"
+  assert lingua_trainable("pkplus_373m_1024k").data.seed == 42  # DataArgs' default, not `seed`
+  debug = lingua_trainable("debug", ["steps=7", "optim.lr=0.5", "grad_acc_steps=4"])
   assert (debug.train.steps, debug.optim.lr, debug.train.grad_accum) == (7, 0.5, 4)
   assert debug.train.batch_size == 32 * 4  # Lingua's per-micro-step batch, times accumulation
 
 
+def test_lingua_memory_parallel_size_is_the_memory_mesh_axis():
+  cfg = lingua_trainable("pkplus_373m_1024k", ["distributed.memory_parallel_size=4"])
+  assert (cfg.mesh.memory, cfg.mesh.fsdp, cfg.mesh.data) == (4, 1, -1)
+  assert lingua_trainable("debug", ["distributed.dp_shard=2"]).mesh.fsdp == 2
+
+
 def test_lingua_optimizer_keys_left_out_take_lingua_defaults():
   # debug.yaml gives lr, warmup, lr_min_ratio and clip; OptimArgs' defaults give the rest.
-  optim = config_loading.load(lingua_path("debug")).optim
+  optim = lingua_trainable("debug").optim
   assert (optim.lr, optim.warmup, optim.lr_min_ratio, optim.clip) == (3e-4, 2000, 1e-6, 10.0)
   assert (optim.scheduler, optim.weight_decay) == ("cosine", 0.1)
-  bare = config.from_dict(Config, lingua.to_memjax({"model": {"dim": 64, "n_heads": 4}, "steps": 9}))
+  with pytest.warns(UserWarning):
+    data = lingua.to_memjax({"model": {"dim": 64, "n_heads": 4}, "steps": 9})
+  bare = config.from_dict(Config, data)
   assert (bare.optim.lr, bare.optim.warmup, bare.optim.lr_min_ratio) == (3e-4, 2000, 0.1)
+  assert (bare.optim.scheduler, bare.optim.cycle_length, bare.optim.cosine_theta) == (
+      "cosine", 1.0, 1.0)
   assert bare.optim.value_lr == 1e-3  # ProductKeyArgs' value_fixed_lr
 
 
-def test_lingua_null_value_lr_trains_the_table_at_the_base_rate():
-  cfg = config_loading.load(
-      lingua_path("pkplus_373m_1024k"),
-      ["model.productkey_args.value_fixed_lr=null", "optim.lr=2e-4"],
+def test_a_lingua_file_without_optim_trains_on_lingua_s_schedule(tmp_path):
+  path = tmp_path / "lingua.yaml"
+  path.write_text("steps: 9\nmodel:\n  dim: 64\n  n_heads: 4\n")
+  with pytest.warns(UserWarning, match="synthetic knowledge corpus"):
+    optim = config_loading.load(path).optim
+  assert (optim.scheduler, optim.lr, optim.warmup) == ("cosine", 3e-4, 2000)
+  assert optim.lr_min_ratio == 0.1
+
+
+def test_lingua_cosine_shape_keys_map():
+  optim = lingua_trainable("debug", ["optim.cycle_length=0.5", "optim.cosine_theta=2"]).optim
+  assert (optim.scheduler, optim.cycle_length, optim.cosine_theta) == ("cosine", 0.5, 2.0)
+
+
+def test_lingua_constant_schedule_is_linear_without_warmup_or_decay():
+  # The reference's constant schedule ignores warmup: a multiplier of 1 from the first step.
+  optim = lingua_trainable("debug", ["optim.scheduler=constant"]).optim
+  assert (optim.scheduler, optim.warmup, optim.lr_min_ratio) == ("linear", 0, 1.0)
+
+
+@pytest.mark.parametrize("value_fixed_lr", ["null", "0", "0.0"])
+def test_lingua_null_or_zero_value_lr_trains_the_table_at_the_base_rate(value_fixed_lr):
+  # The reference's optimizer groups take `fixed_lr if fixed_lr else lr`.
+  cfg = lingua_trainable(
+      "pkplus_373m_1024k",
+      [f"model.productkey_args.value_fixed_lr={value_fixed_lr}", "optim.lr=2e-4"],
   )
   assert cfg.optim.value_lr == cfg.optim.lr == 2e-4
 
 
+def test_lingua_logging_and_profiling_keys_warn_that_they_are_ignored():
+  raw = {"model": {"dim": 64, "n_heads": 4}, "logging": {"wandb": {"project": "pk"}},
+         "profiling": {"run": True}, "distributed": {"compile": True}}
+  with pytest.warns(UserWarning) as record:
+    lingua.to_memjax(raw)
+  [message] = [str(r.message) for r in record if "ignored" in str(r.message)]
+  for key in ("logging.wandb", "profiling", "distributed.compile"):
+    assert key in message
+  assert "probe_freq" not in message  # keys at the reference's default are not named
+
+
+def test_lingua_keys_at_their_defaults_do_not_warn():
+  raw = {"model": {"dim": 64, "n_heads": 4}, "logging": {"freq": 5, "wandb": None},
+         "profiling": {"run": False}, "data": {"root_dir": None, "sources": {}}}
+  with pytest.warns(UserWarning) as record:
+    lingua.to_memjax(raw)
+  assert [str(r.message) for r in record if "ignored" in str(r.message)] == []
+
+
 @pytest.mark.parametrize("override,field,allowed", [
-    ("optim.scheduler=wsd", "optim.scheduler", "linear, cosine"),
+    ("optim.scheduler=wsd", "optim.scheduler", "linear, cosine, constant"),
     ("optim.beta2=0.99", "optim.beta2", "0.95"),
     ("optim.lr=-1", "optim.lr", "> 0"),
     ("data.tokenizer.name=mock", "data.tokenizer.name", "bytes, sp, tiktoken"),
 ])
 def test_lingua_training_keys_refused_by_name(override, field, allowed):
   with pytest.raises(config.ConfigError, match=allowed) as error:
-    config_loading.load(lingua_path("debug"), [override])
+    lingua_trainable("debug", [override])
   assert error.value.field == field
 
 
@@ -344,3 +467,8 @@ def test_a_command_line_splits_into_config_options_and_overrides():
       "configs/pk_7b.yaml", {"topology": "v5p-8"}, ["model.dim=64", "optim.lr=1e-3"]
   )
   assert config_loading.split_command_line([])[0] == config_loading.DEFAULT_CONFIG
+
+
+def test_lingua_framing_maps_onto_the_data_config():
+  cfg = lingua_trainable("pkplus_373m_1024k", ["data.add_bos=false"])
+  assert not cfg.data.add_bos and cfg.data.add_eos

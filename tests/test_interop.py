@@ -241,7 +241,7 @@ def test_the_reference_peer_variant_is_refused_with_what_differs():
   params = lingua.from_memjax(make_config())
   params["model"]["productkey_args"]["peer_variant"] = True
   with pytest.raises(ConfigError) as err:
-    lingua.to_memjax(params)
+    lingua.to_memjax(params, training=False)
   assert err.value.field == "model.productkey_args.peer_variant"
   # Its tables are shared (mem_share_values) and trained as value parameters; memjax's PEER
   # baseline keeps one pair per layer in the dense group, so it is named, not mapped onto.
@@ -256,7 +256,7 @@ def test_params_json_carries_the_optimizer():
       weight_decay=0.05, clip=0.5))
   params = lingua.from_memjax(cfg)
   assert params["optim"]["lr"] == 2e-4 and params["model"]["productkey_args"]["value_fixed_lr"] == 5e-3
-  back = from_dict(Config, lingua.to_memjax(params))
+  back = from_dict(Config, lingua.to_memjax(params, training=False))
   assert back.optim == cfg.optim
 
 

@@ -123,6 +123,16 @@ def test_cosine_schedule_ends_at_the_floor():
   np.testing.assert_allclose([m(0), m(10), m(60), m(110)], [0, 1, 0.55, 0.1], atol=1e-6)
 
 
+def test_cosine_schedule_takes_the_references_theta_and_cycle_length():
+  # min_ratio + (1 - min_ratio) * (1 + cos(pi * s**theta / cycle)) / 2 at progress s after warmup
+  m = optim.lr_multiplier(steps=110, warmup=10, min_ratio=0.1, scheduler="cosine",
+                          cycle_length=0.5, cosine_theta=2.0)
+  steps = np.array([10, 35, 60, 85, 110])
+  s = (steps - 10) / 100
+  expected = 0.1 + 0.45 * (1 + np.cos(np.pi * s**2 / 0.5))
+  np.testing.assert_allclose([m(int(t)) for t in steps], expected, atol=1e-6)
+
+
 def test_matches_optax_adamw_and_keeps_moments_in_the_state_dtype():
   cfg, params = setup(warmup=0, lr=1e-2, clip=1e9)
   grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape), params)

@@ -2,25 +2,85 @@
 onto memjax's `Config`, and memjax model configs written back in that format.
 
 A Lingua config is a whole training setup: a `model` mapping (`LMTransformerArgs`, the memory in
-`model.productkey_args`, `ProductKeyArgs`) among training sections. The model, the run length,
-the seeds, the optimizer and schedule (`optim`, with the table's `value_fixed_lr`, onto memjax's
-`optim` section), the batch (`data.batch_size`, `data.seq_len`, `grad_acc_steps`), the tokenizer
-and checkpointing (`checkpoint.dump`) are mapped; the other sections (data sources, distributed
-and profiling settings, the eval harness) are accepted and left out. Keys that would change the
-network or the optimizer and that memjax lacks raise `ConfigError` naming the key.
+`model.productkey_args`, `ProductKeyArgs`) among training sections. Every key of the reference's
+`TrainArgs` tree is accounted for (`to_memjax` lists where each goes): mapped onto memjax's
+fields; accepted with a warning naming it when it only concerns logging, profiling or speed
+(`IGNORED`) or evaluation during training (`eval.harness`); or refused with a `ConfigError`
+naming it when it would change training and memjax cannot honour it (an initial checkpoint,
+tensor parallelism, float8). Keys the reference does not have are refused as unknown.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from memjax.config import Config, ConfigError, from_dict
 
-# TrainArgs' top-level keys besides `model`: accepted, not mapped yet.
+# TrainArgs' top-level keys besides `model`.
 TRAIN_KEYS = (
     "name", "dump_dir", "seed", "grad_acc_steps", "gc_collect_freq", "probe_freq", "steps", "data",
     "optim", "distributed", "env", "checkpoint", "profiling", "logging", "async_eval_gpus", "eval",
 )
+# The scalar top-level keys and the sections' fields, with the reference's defaults
+# (apps/main/train.py TrainArgs; lingua/{data,distributed,checkpoint,metrics,profiling}.py).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "name": "lingua", "dump_dir": "", "seed": 42, "grad_acc_steps": 1, "gc_collect_freq": 1000,
+    "probe_freq": None, "steps": 1000, "async_eval_gpus": None, "eval": None,
+}
+DATA_DEFAULTS: dict[str, Any] = {
+    "root_dir": None, "sources": {}, "batch_size": 2, "seq_len": 2048, "n_views": 2, "seed": 42,
+    "add_bos": True, "add_eos": True, "load_async": True, "prefetch_size": 64,
+    "tokenizer": {"name": "bytes", "path": None},
+}
+DISTRIBUTED_DEFAULTS: dict[str, Any] = {
+    "dp_shard": 1, "dp_replicate": 1, "tp_size": 1, "memory_parallel_size": 1,
+    "selective_activation_checkpointing": False, "checkpoint_each_layer": False, "compile": False,
+    "fsdp_type": "no_shard", "model_dtype": "bf16", "float8_recipe": None,
+    "float8_filter": r"layers\.[0-9]+\.", "matmul_allow_tf32": False, "detect_anomaly": False,
+    "compile_cache_size_limit": 8, "spawn_method": "forkserver",
+}
+CHECKPOINT_DEFAULTS: dict[str, Any] = {
+    "dump": {"every": 1000, "keep": 0}, "eval": {"every": 1000, "keep": 0}, "path": None,
+    "init_ckpt_path": None, "continue_training_from_init": False,
+}
+LOGGING_DEFAULTS: dict[str, Any] = {"freq": 10, "acc_freq": None, "wandb": None}
+PROFILING_DEFAULTS: dict[str, Any] = {
+    "run": False, "trace_folder": "profiling", "mem_warmup": 100, "mem_steps": 2,
+    "profile_warmup": 102, "profile_steps": 2,
+}
+ENV_DEFAULTS: dict[str, Any] = {
+    "MKL_SERVICE_FORCE_INTEL": "GNU", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    "ENABLE_INTRA_NODE_COMM": "1", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "NCCL_IB_TIMEOUT": "22",
+    "NCCL_DEBUG": "INFO", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+}
+# Keys that change nothing memjax trains: accepted, and named in one warning when they differ
+# from the reference's default. A section's name stands for all its keys.
+IGNORED = {
+    "name": "a run label for logs and wandb",
+    "gc_collect_freq": "when PyTorch's job collects Python garbage",
+    "probe_freq": "activation probes written beside the logs",
+    "async_eval_gpus": "where the reference runs its evals",
+    "env": "environment variables for PyTorch, MKL and NCCL",
+    "profiling": "the PyTorch profiler",
+    "logging.acc_freq": "logging within gradient accumulation",
+    "logging.wandb": "Weights & Biases; memjax logs metrics.jsonl and TensorBoard",
+    "checkpoint.eval.keep": "checkpoints kept at eval steps; memjax keeps checkpoint.dump.keep",
+    "data.load_async": "the data loader's reading ahead",
+    "data.prefetch_size": "the data loader's reading ahead (Lingua's data layout is refused)",
+    "distributed.dp_replicate": "the reference sets it from the world size; memjax's mesh.data "
+                                "takes the devices the other axes leave",
+    "distributed.selective_activation_checkpointing": "recomputation: memory, not the maths",
+    "distributed.checkpoint_each_layer": "recomputation: memory, not the maths",
+    "distributed.compile": "torch.compile; memjax always compiles with XLA",
+    "distributed.compile_cache_size_limit": "torch.compile's cache",
+    "distributed.matmul_allow_tf32": "float32 matmul precision on NVIDIA GPUs (the model computes "
+                                     "in model_dtype)",
+    "distributed.detect_anomaly": "PyTorch's autograd anomaly checks",
+    "distributed.spawn_method": "how PyTorch starts worker processes",
+    "distributed.float8_filter": "the linears float8_recipe converts (float8 is refused)",
+}
+FSDP_TYPES = ("no_shard", "full_shard")
 
 # LMTransformerArgs' fields with Lingua's defaults: a key Lingua leaves out means its default.
 MODEL_DEFAULTS: dict[str, Any] = {
@@ -55,19 +115,20 @@ TOKENIZER_VOCAB = {"bytes": 258, "mock": 256, "sp": 32000, "tiktoken": 128256}
 TOKENIZER_KINDS = {"bytes": "bytes", "sp": "sentencepiece", "tiktoken": "tiktoken"}
 # OptimArgs: what memjax fixes (AdamW's betas and epsilon) and the schedules it has.
 OPTIM_FIXED = {"beta1": 0.9, "beta2": 0.95, "epsilon": 1e-8}
+# `annealing_step` is read by none of the reference's schedules; `exp_factor` only by inv_sqrt.
 OPTIM_KEYS = (
     "lr", "weight_decay", "epsilon", "beta1", "beta2", "clip", "scheduler", "warmup",
-    "lr_min_ratio", "cycle_length", "cosine_theta", "annealing_step", "decay_fraction", "exp_factor",
+    "lr_min_ratio", "cycle_length", "cosine_theta", "annealing_step", "exp_factor",
 )
 # OptimArgs fields memjax's `optim` section takes (same names), with Lingua's defaults: a key the
 # file leaves out trains as Lingua would (a cosine schedule), not at memjax's defaults.
 OPTIM_DEFAULTS: dict[str, Any] = {
     "lr": 3e-4, "weight_decay": 0.1, "clip": 1.0, "scheduler": "cosine", "warmup": 2000,
-    "lr_min_ratio": 0.1,
+    "lr_min_ratio": 0.1, "cycle_length": 1.0, "cosine_theta": 1.0,
 }
-SCHEDULERS = ("linear", "cosine")
-# The shape of Lingua's cosine that optax's cosine decay has (one half-cycle, progress**1).
-COSINE_FIXED = {"cycle_length": 1.0, "cosine_theta": 1.0}
+# Lingua's "constant" is a multiplier of 1 from step 0, warmup ignored: memjax's linear schedule
+# with no warmup and a floor of 1.
+SCHEDULERS = ("linear", "cosine", "constant")
 MODEL_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 _MEMJAX_ONLY_MODEL_KEYS = ("memory", "moe", "peer", "param_dtype", "dtype")
@@ -85,7 +146,7 @@ def is_lingua(data: dict) -> bool:
   return any(k in data for k in TRAIN_KEYS if k != "seed")
 
 
-def to_memjax(data: dict) -> dict:
+def to_memjax(data: dict, training: bool = True) -> dict:
   """The memjax config (`Config` as nested mappings) of a Lingua config dict.
 
   - Model fields map by name; `n_heads: null` becomes dim // head_dim, as Lingua derives it.
@@ -94,15 +155,33 @@ def to_memjax(data: dict) -> dict:
     also `train.seq_len`, the length Lingua trains on.
   - `distributed.model_dtype` is the compute dtype; parameters stay float32 (Lingua's FSDP master
     weights) and a memory table is bfloat16, as the reference creates and trains it (spec 1.6).
-  - `seed` is `model.seed` (default 42), the seed Lingua initialises the weights from; the
-    top-level `seed` (data order) is `data.seed`.
-  - `optim.{lr,weight_decay,clip,warmup,lr_min_ratio,scheduler}` map onto memjax's `optim` of the
-    same names, Lingua's defaults filling what the file leaves out; `productkey_args.
-    value_fixed_lr` is `optim.value_lr` (null: the table at the base rate `optim.lr`).
-  - `steps` and `checkpoint.dump.{every,keep}` map by meaning; Lingua's `data.batch_size` is per
-    data-parallel rank and micro step, so memjax's `train.batch_size` (per optimizer step, all
-    devices) becomes `batch_size * grad_acc_steps` of one rank: multiply by the number of ranks
-    you trained on.
+  - `model.seed` (default 42) is `seed`, the seed Lingua initialises the weights from;
+    `data.seed` (default 42) is `data.seed`, the data order. The top-level `seed` seeds torch's
+    global generator, which nothing of the reference's training draws from: accepted, unused.
+  - `optim.{lr,weight_decay,clip,warmup,lr_min_ratio,scheduler,cycle_length,cosine_theta}` map
+    onto memjax's `optim` of the same names, Lingua's defaults filling what the file leaves out
+    (`scheduler: constant` is memjax's linear without warmup or decay);
+    `productkey_args.value_fixed_lr` is `optim.value_lr` (null or 0: the table at the base rate
+    `optim.lr`, as the reference's optimizer takes a falsy fixed rate).
+  - `steps`, `dump_dir` (`train.run_dir`), `checkpoint.dump.{every,keep}`, `checkpoint.eval.every`
+    (memjax's evals, `train.eval_every`) and `logging.freq` map by meaning; Lingua's
+    `data.batch_size` is per data-parallel rank and micro step, so memjax's `train.batch_size`
+    (per optimizer step, all devices) becomes `batch_size * grad_acc_steps` of one rank: multiply
+    by the number of ranks you trained on.
+  - `distributed.memory_parallel_size` is `mesh.memory` (the table's columns split over it, the
+    batch too) and `distributed.dp_shard` is `mesh.fsdp`; `mesh.data` takes the other devices.
+  - Keys in `IGNORED` are named in one warning when they differ from the reference's default.
+  - `data.root_dir` and `data.sources` are memjax's `lingua` data source (the same folders of
+    `*.chunk.*.jsonl` files, mixed by weight), with `data.add_bos`/`add_eos`; with neither,
+    memjax trains on its synthetic knowledge corpus, and says so.
+  - `eval.harness` is named in a warning: memjax runs the harness on checkpoints
+    (`python -m memjax.eval`), not during training.
+  - Refused by name, as memjax cannot honour them:
+    `checkpoint.{path,init_ckpt_path,continue_training_from_init}`,
+    `data.n_views` other than 2, `distributed.tp_size` > 1,
+    `distributed.float8_recipe`, and `optim.scheduler: inv_sqrt`.
+  `training=False` reads the model of a trained run (a checkpoint's `params.json`): the keys that
+  only say how to train it are neither refused nor warned about.
   Overrides given with a Lingua file use Lingua's names (`model.productkey_args.mem_knn=16`).
 
   Raises:
@@ -123,8 +202,11 @@ def to_memjax(data: dict) -> dict:
         "model.sliding_window",
         f"must be null: memjax attention is full causal, got {m['sliding_window']!r}",
     )
-  data_section = _mapping(data.get("data"), "data")
-  distributed = _mapping(data.get("distributed"), "distributed")
+  sections = _sections(data)
+  data_section, distributed = sections["data"], sections["distributed"]
+  if training:
+    _refuse_what_memjax_cannot_train(data, sections)
+    _warn_ignored(data, sections)
 
   model = {k: m[k] for k in _SAME_MODEL_FIELDS}
   model["n_heads"] = m["n_heads"]
@@ -145,8 +227,9 @@ def to_memjax(data: dict) -> dict:
   model["memory"] = memory_from_productkey_args(productkey_args)
   out = {
       "model": model,
-      "data": _data_from(data_section, data.get("seed")),
-      "train": {"seq_len": model["max_seqlen"], **_train_from(data)},
+      "mesh": _mesh_from(distributed),
+      "data": _data_from(data_section),
+      "train": {"seq_len": model["max_seqlen"], **_train_from(data, sections)},
       "optim": _optim_from(data, productkey_args),
       "seed": m["seed"],
   }
@@ -156,6 +239,120 @@ def to_memjax(data: dict) -> dict:
     field = _lingua_field(e.field, data_section)
     raise ConfigError(field, f"{e.detail} (memjax field {e.field})") from None
   return out
+
+
+def _sections(data: dict) -> dict[str, dict]:
+  """TrainArgs' sections (defaults not filled in), their keys checked against the reference's."""
+  known = {
+      "data": (DATA_DEFAULTS, "DataArgs"),
+      "distributed": (DISTRIBUTED_DEFAULTS, "DistributedArgs"),
+      "checkpoint": (CHECKPOINT_DEFAULTS, "CheckpointArgs"),
+      "logging": (LOGGING_DEFAULTS, "LoggingArgs"),
+      "profiling": (PROFILING_DEFAULTS, "ProfilerArgs"),
+      "env": (ENV_DEFAULTS, "EnvironmentArgs"),
+  }
+  out = {}
+  for name, (defaults, what) in known.items():
+    out[name] = _mapping(data.get(name), name)
+    _no_unknown(out[name], defaults, name, what)
+  _no_unknown(_mapping(out["data"].get("tokenizer"), "data.tokenizer"), DATA_DEFAULTS["tokenizer"],
+              "data.tokenizer", "TokenizerArgs")
+  for when in ("dump", "eval"):
+    field = f"checkpoint.{when}"
+    _no_unknown(_mapping(out["checkpoint"].get(when), field), ("every", "keep"), field, "SaveEvery")
+  return out
+
+
+def _refuse_what_memjax_cannot_train(data: dict, sections: dict[str, dict]) -> None:
+  """Raises ConfigError naming the first key that would change training and that memjax lacks."""
+  d, dist, ckpt = sections["data"], sections["distributed"], sections["checkpoint"]
+  if bool(d.get("root_dir")) != bool(d.get("sources")):
+    field = "data.sources" if d.get("root_dir") else "data.root_dir"
+    raise ConfigError(field, "Lingua's data layout needs both data.root_dir (one folder per "
+                      "source of *.chunk.*.jsonl files) and data.sources ({name: weight})")
+  checks = (
+      ("data.n_views", d.get("n_views", 2) == 2, "must be 2: memjax packs rows of seq_len + 1 "
+       "tokens, the inputs and the targets shifted by one"),
+      ("checkpoint.path", ckpt.get("path") is None, "must be null: memjax keeps checkpoints in "
+       "train.run_dir (set dump_dir)"),
+      ("checkpoint.init_ckpt_path", ckpt.get("init_ckpt_path") is None, "must be null: memjax "
+       "starts from a fresh initialisation or resumes from train.run_dir; convert a reference "
+       "checkpoint with memjax.interop.torch_checkpoint.load_consolidated and fine-tune it "
+       "from a memjax config"),
+      ("checkpoint.continue_training_from_init",
+       ckpt.get("continue_training_from_init", False) is False,
+       "must be false: memjax has no initial checkpoint (checkpoint.init_ckpt_path)"),
+      ("distributed.tp_size", dist.get("tp_size", 1) == 1, "must be 1: memjax has no tensor "
+       "parallelism; its mesh has data, fsdp (distributed.dp_shard) and memory "
+       "(distributed.memory_parallel_size) axes"),
+      ("distributed.float8_recipe", dist.get("float8_recipe") is None, "must be null: memjax "
+       "computes in model_dtype, with no float8 linears"),
+      ("distributed.fsdp_type", dist.get("fsdp_type", "no_shard") in FSDP_TYPES,
+       f"must be one of {', '.join(FSDP_TYPES)}"),
+  )
+  for field, ok, message in checks:
+    if not ok:
+      raise ConfigError(field, f"{message}, got {_get(data, field)!r}")
+  evaluation = data.get("eval")
+  if evaluation is not None:
+    evaluation = _mapping(evaluation, "eval")
+    # The reference's evaluation during training (EvalArgs; its harness defaults to an
+    # LMHarnessArgs, so any `eval` runs it; the reference's own files add keys such as
+    # `dataset_dir`) changes nothing that is trained: named in a warning, its keys unchecked.
+    if evaluation.get("harness", {}) is not None:
+      warnings.warn(
+          "eval.harness: memjax runs no lm-eval-harness tasks during training; its own evals "
+          "(eval loss, fact recall, memory diagnostics) run every train.eval_every steps "
+          "(checkpoint.eval.every), and `python -m memjax.eval <run dir> --tasks ...` runs the "
+          "harness's tasks on a checkpoint",
+          stacklevel=4,
+      )
+
+
+def _warn_ignored(data: dict, sections: dict[str, dict]) -> None:
+  """One warning naming the `IGNORED` keys the file sets to other than the reference's default."""
+  defaults = {
+      **{k: TRAIN_DEFAULTS[k]
+         for k in ("name", "gc_collect_freq", "probe_freq", "async_eval_gpus")},
+      "env": ENV_DEFAULTS, "profiling": PROFILING_DEFAULTS,
+      **{f"logging.{k}": LOGGING_DEFAULTS[k] for k in ("acc_freq", "wandb")},
+      "checkpoint.eval.keep": CHECKPOINT_DEFAULTS["eval"]["keep"],
+      **{f"data.{k}": DATA_DEFAULTS[k] for k in ("load_async", "prefetch_size")},
+      **{f"distributed.{k}": DISTRIBUTED_DEFAULTS[k] for k in (
+          "dp_replicate", "selective_activation_checkpointing", "checkpoint_each_layer", "compile",
+          "compile_cache_size_limit", "matmul_allow_tf32", "detect_anomaly", "spawn_method",
+          "float8_filter")},
+  }
+  named = []
+  for field, default in defaults.items():
+    value = _get(data, field)
+    if isinstance(default, dict) and isinstance(value, dict):
+      value = {**default, **value}
+    if value is not _MISSING and value != default:
+      named.append(f"{field} ({IGNORED[field]})")
+  if named:
+    warnings.warn(
+        "Lingua keys ignored, as they change nothing memjax trains: " + "; ".join(named),
+        stacklevel=3,
+    )
+  if not sections["data"].get("root_dir") and not sections["data"].get("sources"):
+    warnings.warn(
+        "the Lingua config has no data.root_dir or data.sources: memjax trains on its synthetic "
+        "knowledge corpus (data.source: knowledge)",
+        stacklevel=3,
+    )
+
+
+_MISSING = object()
+
+
+def _get(data: dict, field: str) -> Any:
+  """The value at a dotted `field` of `data`, or _MISSING."""
+  for key in field.split("."):
+    if not isinstance(data, dict) or key not in data:
+      return _MISSING
+    data = data[key]
+  return data
 
 
 def memory_from_productkey_args(pk: dict, field: str = "model.productkey_args") -> dict:
@@ -248,49 +445,66 @@ def _optim_from(data: dict, productkey_args: dict) -> dict:
   optim = {key: given.get(key, default) for key, default in OPTIM_DEFAULTS.items()}
   if optim["scheduler"] not in SCHEDULERS:
     raise ConfigError(
-        "optim.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {optim['scheduler']!r}"
+        "optim.scheduler", f"must be one of {', '.join(SCHEDULERS)} (memjax has no inv_sqrt), "
+        f"got {optim['scheduler']!r}"
     )
-  if optim["scheduler"] == "cosine":
-    for key, fixed in COSINE_FIXED.items():
-      if key in given and given[key] != fixed:
-        raise ConfigError(
-            f"optim.{key}", f"must be {fixed} with the cosine scheduler (memjax's cosine decay is "
-            f"one half-cycle), got {given[key]!r}"
-        )
+  if optim["scheduler"] == "constant":
+    optim.update(scheduler="linear", warmup=0, lr_min_ratio=1.0)
   value_lr = productkey_args.get("value_fixed_lr", PRODUCTKEY_DEFAULTS["value_fixed_lr"])
-  # null: the reference trains the table at the base rate (still under its own clip).
-  optim["value_lr"] = optim["lr"] if value_lr is None else value_lr
+  # null or 0: the reference's optimizer takes a falsy fixed rate as "the base rate" (the table
+  # still has its own clip).
+  optim["value_lr"] = optim["lr"] if value_lr is None or value_lr == 0 else value_lr
   return optim
 
 
-def _train_from(data: dict) -> dict:
+def _train_from(data: dict, sections: dict[str, dict]) -> dict:
   """TrainConfig fields of Lingua's training sections."""
   train: dict[str, Any] = {}
   if "steps" in data:
     train["steps"] = data["steps"]
+  if data.get("dump_dir"):
+    train["run_dir"] = data["dump_dir"]
   grad_acc = data.get("grad_acc_steps", 1)
   if grad_acc != 1:
     train["grad_accum"] = grad_acc
-  batch = _mapping(data.get("data"), "data").get("batch_size")
+  batch = sections["data"].get("batch_size")
   if batch is not None:
     train["batch_size"] = batch * grad_acc if isinstance(batch, int) and isinstance(grad_acc, int) else batch
-  dump = _mapping(_mapping(data.get("checkpoint"), "checkpoint").get("dump"), "checkpoint.dump")
+  checkpoint = sections["checkpoint"]
+  dump = _mapping(checkpoint.get("dump"), "checkpoint.dump")
   if "every" in dump:
     train["checkpoint_every"] = dump["every"]
   if "keep" in dump:
     keep = dump["keep"]
     train["keep_checkpoints"] = 0 if isinstance(keep, int) and keep < 0 else keep  # -1: all
-  freq = _mapping(data.get("logging"), "logging").get("freq")
+  evaluation = _mapping(checkpoint.get("eval"), "checkpoint.eval")
+  if "every" in evaluation:
+    train["eval_every"] = evaluation["every"]
+  freq = sections["logging"].get("freq")
   if freq is not None:
     train["log_every"] = freq
   return train
 
 
-def _data_from(data_section: dict, seed: Any) -> dict:
-  """DataConfig fields: the tokenizer and the data-order seed."""
-  out: dict[str, Any] = {}
-  if seed is not None:
-    out["seed"] = seed
+def _mesh_from(distributed: dict) -> dict:
+  """MeshConfig fields: the reference's memory-parallel and FSDP degrees; data fills the rest."""
+  mesh = {}
+  if "memory_parallel_size" in distributed:
+    mesh["memory"] = distributed["memory_parallel_size"]
+  if "dp_shard" in distributed:
+    mesh["fsdp"] = distributed["dp_shard"]
+  return mesh
+
+
+def _data_from(data_section: dict) -> dict:
+  """DataConfig fields: the data layout (`root_dir` and `sources`: memjax's `lingua` source), the
+  framing, the tokenizer and the data-order seed."""
+  out: dict[str, Any] = {"seed": data_section.get("seed", DATA_DEFAULTS["seed"])}
+  if data_section.get("root_dir") and data_section.get("sources"):
+    out |= {"source": "lingua", "root_dir": data_section["root_dir"],
+            "sources": dict(data_section["sources"])}
+  for key in ("add_bos", "add_eos"):
+    out[key] = data_section.get(key, DATA_DEFAULTS[key])
   tokenizer = _mapping(data_section.get("tokenizer"), "data.tokenizer")
   name = tokenizer.get("name", "bytes")
   if name not in TOKENIZER_KINDS:
@@ -374,8 +588,10 @@ def _lingua_field(field: str, data_section: dict) -> str:
       "train.steps": "steps", "train.grad_accum": "grad_acc_steps",
       "train.batch_size": "data.batch_size", "train.checkpoint_every": "checkpoint.dump.every",
       "train.keep_checkpoints": "checkpoint.dump.keep", "train.log_every": "logging.freq",
+      "train.eval_every": "checkpoint.eval.every", "train.run_dir": "dump_dir",
       "optim.value_lr": "model.productkey_args.value_fixed_lr",
-      "data.seed": "seed", "data.tokenizer_path": "data.tokenizer.path",
+      "data.tokenizer_path": "data.tokenizer.path",
       "model.dtype": "distributed.model_dtype", "seed": "model.seed",
+      "mesh.memory": "distributed.memory_parallel_size", "mesh.fsdp": "distributed.dp_shard",
   }
   return renamed.get(field, field)

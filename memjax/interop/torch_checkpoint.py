@@ -213,7 +213,7 @@ def load_consolidated(
       raise FileNotFoundError(f"{f}: not found (a consolidated checkpoint has {CHECKPOINT_NAME} "
                               f"and {PARAMS_NAME} side by side)")
   try:
-    data = lingua.to_memjax(json.loads(params.read_text()))
+    data = lingua.to_memjax(json.loads(params.read_text()), training=False)
   except ConfigError as e:
     raise ConfigError(e.field, f"{e.detail} (in {params})") from None
   cfg = from_dict(Config, config_loading.merge_overrides(data, overrides))

@@ -216,9 +216,7 @@ def jit_train_step(
   from memjax import optim, sharding
   from memjax.training import state as state_lib
 
-  schedule = optim.lr_multiplier(
-      cfg.train.steps, cfg.optim.warmup, cfg.optim.lr_min_ratio, cfg.optim.scheduler
-  )
+  schedule = optim.config_lr_multiplier(cfg)
   train_step = make_train_step(
       cfg, state_lib.model_graphdef(cfg), optim.make_optimizer(cfg),
       lambda step: cfg.optim.lr * schedule(step), rows,

@@ -209,7 +209,8 @@ def test_lingua_data_sources_without_a_root_name_the_missing_root():
 
 def test_lingua_eval_harness_is_named_in_a_warning_that_points_to_memjax_eval():
   with pytest.warns(UserWarning, match=r"eval\.harness: .*train\.eval_every.*memjax\.eval"):
-    lingua.to_memjax({"model": {"dim": 64, "n_heads": 4}, "eval": {"harness": {"tasks": ["piqa"]}}})
+    lingua.to_memjax({"model": {"dim": 64, "n_heads": 4}, "eval": {"harness": {"tasks": ["piqa"]}},
+                      "data": {"root_dir": "data/shuffled", "sources": {"dclm": 1.0}}})
 
 
 def test_lingua_file_without_data_trains_on_the_synthetic_corpus_and_says_so():

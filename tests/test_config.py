@@ -408,6 +408,16 @@ def test_a_lingua_file_without_optim_trains_on_lingua_s_schedule(tmp_path):
   assert optim.lr_min_ratio == 0.1
 
 
+def test_lingua_training_keys_left_out_take_lingua_defaults():
+  with pytest.warns(UserWarning):
+    bare = config.from_dict(Config, lingua.to_memjax({"model": {"dim": 64, "n_heads": 4}}))
+  train = bare.train
+  assert train.steps == 1000  # TrainArgs.steps
+  assert train.batch_size == 2  # DataArgs.batch_size, one rank, no accumulation
+  assert (train.checkpoint_every, train.eval_every, train.keep_checkpoints) == (1000, 1000, 0)
+  assert train.log_every == 10  # LoggingArgs.freq
+
+
 def test_lingua_cosine_shape_keys_map():
   optim = lingua_trainable("debug", ["optim.cycle_length=0.5", "optim.cosine_theta=2"]).optim
   assert (optim.scheduler, optim.cycle_length, optim.cosine_theta) == ("cosine", 0.5, 2.0)

@@ -164,7 +164,8 @@ def to_memjax(data: dict, training: bool = True) -> dict:
     `productkey_args.value_fixed_lr` is `optim.value_lr` (null or 0: the table at the base rate
     `optim.lr`, as the reference's optimizer takes a falsy fixed rate).
   - `steps`, `dump_dir` (`train.run_dir`), `checkpoint.dump.{every,keep}`, `checkpoint.eval.every`
-    (memjax's evals, `train.eval_every`) and `logging.freq` map by meaning; Lingua's
+    (memjax's evals, `train.eval_every`) and `logging.freq` map by meaning, Lingua's defaults
+    filling what the file leaves out (1000 steps, a batch of 2, every 1000 and 10); Lingua's
     `data.batch_size` is per data-parallel rank and micro step, so memjax's `train.batch_size`
     (per optimizer step, all devices) becomes `batch_size * grad_acc_steps` of one rank: multiply
     by the number of ranks you trained on.
@@ -458,31 +459,24 @@ def _optim_from(data: dict, productkey_args: dict) -> dict:
 
 
 def _train_from(data: dict, sections: dict[str, dict]) -> dict:
-  """TrainConfig fields of Lingua's training sections."""
-  train: dict[str, Any] = {}
-  if "steps" in data:
-    train["steps"] = data["steps"]
+  """TrainConfig fields of Lingua's training sections, Lingua's defaults filling what the file
+  leaves out (as its TrainArgs would)."""
+  train: dict[str, Any] = {"steps": data.get("steps", TRAIN_DEFAULTS["steps"])}
   if data.get("dump_dir"):
     train["run_dir"] = data["dump_dir"]
-  grad_acc = data.get("grad_acc_steps", 1)
+  grad_acc = data.get("grad_acc_steps", TRAIN_DEFAULTS["grad_acc_steps"])
   if grad_acc != 1:
     train["grad_accum"] = grad_acc
-  batch = sections["data"].get("batch_size")
-  if batch is not None:
-    train["batch_size"] = batch * grad_acc if isinstance(batch, int) and isinstance(grad_acc, int) else batch
+  batch = sections["data"].get("batch_size", DATA_DEFAULTS["batch_size"])
+  train["batch_size"] = batch * grad_acc if isinstance(batch, int) and isinstance(grad_acc, int) else batch
   checkpoint = sections["checkpoint"]
-  dump = _mapping(checkpoint.get("dump"), "checkpoint.dump")
-  if "every" in dump:
-    train["checkpoint_every"] = dump["every"]
-  if "keep" in dump:
-    keep = dump["keep"]
-    train["keep_checkpoints"] = 0 if isinstance(keep, int) and keep < 0 else keep  # -1: all
-  evaluation = _mapping(checkpoint.get("eval"), "checkpoint.eval")
-  if "every" in evaluation:
-    train["eval_every"] = evaluation["every"]
-  freq = sections["logging"].get("freq")
-  if freq is not None:
-    train["log_every"] = freq
+  dump = {**CHECKPOINT_DEFAULTS["dump"], **_mapping(checkpoint.get("dump"), "checkpoint.dump")}
+  train["checkpoint_every"] = dump["every"]
+  keep = dump["keep"]
+  train["keep_checkpoints"] = 0 if isinstance(keep, int) and keep < 0 else keep  # -1: all
+  evaluation = {**CHECKPOINT_DEFAULTS["eval"], **_mapping(checkpoint.get("eval"), "checkpoint.eval")}
+  train["eval_every"] = evaluation["every"]
+  train["log_every"] = sections["logging"].get("freq", LOGGING_DEFAULTS["freq"])
   return train
 
 

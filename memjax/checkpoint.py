@@ -182,23 +182,29 @@ def find_run_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
   )
 
 
-def load_for_inference(path: str | pathlib.Path):
-  """(config, model with the checkpoint's parameters, tokenizer) from a run dir or checkpoint."""
+def load_for_inference(path: str | pathlib.Path, *, on_run_mesh: bool = False):
+  """(config, model with the checkpoint's parameters, tokenizer) from a run dir or checkpoint.
+
+  The arrays land on one device, or with `on_run_mesh` straight in their shardings on the run's
+  `mesh` config over this machine's devices (`sharding.make_mesh(cfg.mesh)`).
+  """
   from flax import nnx
 
-  from memjax import data
+  from memjax import data, sharding
+  from memjax.training import state as state_lib
 
   run_dir, step = find_run_dir(path)
   checkpointer = Checkpointer(run_dir, every=1, keep=1, async_save=False)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{run_dir}: holds no checkpoint yet")
-  cfg = config_lib.from_dict(config_lib.Config, checkpointer.saved_config(step))
-  from memjax.training import state as state_lib
-
-  restored, _ = checkpointer.restore(step, state_lib.abstract_state(cfg))
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{run_dir}: holds no checkpoint yet")
+    cfg = config_lib.from_dict(config_lib.Config, checkpointer.saved_config(step))
+    mesh = sharding.make_mesh(cfg.mesh) if on_run_mesh else None
+    restored, _ = checkpointer.restore(step, state_lib.abstract_state(cfg, mesh))
+  finally:
+    checkpointer.close()
   model = nnx.merge(state_lib.model_graphdef(cfg), restored.params, restored.other)
-  checkpointer.close()
   tokenizer = data.make_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path or None)
   return cfg, model, tokenizer
 

@@ -41,9 +41,8 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
-from memjax import checkpoint, config as config_lib, data, generate, sharding
+from memjax import checkpoint, data, generate, sharding
 from memjax.model import Transformer, split_for_inference
-from memjax.training import state as state_lib
 
 
 class MemjaxLM(TemplateLM):
@@ -219,24 +218,12 @@ def _cut(text: str, until: Sequence[str]) -> str:
 # Loading a run, running tasks, the command line.
 
 
-def load_run(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None):
+def load_run(path: str | pathlib.Path):
   """(config, model, tokenizer, mesh) of a run dir's newest checkpoint (or a checkpoint step's
-  directory), restored straight into its shardings on `mesh` (default: the run's `mesh` config
-  over this machine's devices)."""
-  run_dir, step = checkpoint.find_run_dir(path)
-  checkpointer = checkpoint.Checkpointer(run_dir, every=1, keep=0, async_save=False)
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{run_dir}: holds no checkpoint yet")
-    cfg = config_lib.from_dict(config_lib.Config, checkpointer.saved_config(step))
-    mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
-    restored, _ = checkpointer.restore(step, state_lib.abstract_state(cfg, mesh))
-  finally:
-    checkpointer.close()
-  model = nnx.merge(state_lib.model_graphdef(cfg), restored.params, restored.other)
-  tokenizer = data.make_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path or None)
-  return cfg, model, tokenizer, mesh
+  directory), restored straight into its shardings on the run's mesh over this machine's
+  devices."""
+  cfg, model, tokenizer = checkpoint.load_for_inference(path, on_run_mesh=True)
+  return cfg, model, tokenizer, sharding.make_mesh(cfg.mesh)
 
 
 def task_manager(tasks: Sequence[str]):

@@ -103,3 +103,30 @@ def test_table_update_smoke(tmp_path):
   assert [r["update"] for r in rows] == ["dense", "sparse"]
   for r in rows:
     assert 0 <= r["recall"] <= 1 and np.isfinite(r["eval_loss"]), r
+
+
+REFERENCE = pathlib.Path(os.environ.get("MEMJAX_REFERENCE_DIR", ROOT / ".reference" / "memory"))
+
+
+@pytest.mark.skipif(
+    not (REFERENCE / "lingua" / "product_key" / "memory.py").is_file(),
+    reason=f"no checkout of facebookresearch/memory at {REFERENCE} (set MEMJAX_REFERENCE_DIR)",
+)
+def test_reference_run_smoke_agrees_with_the_reference_code_step_by_step(tmp_path):
+  out = tmp_path / "reference_run.json"
+  proc = run_script("reference_run.py", "--reference", str(REFERENCE), "--json", str(out))
+  assert "largest relative difference" in proc.stdout
+  figures = json.loads(out.read_text())
+  assert [r["step"] for r in figures["rows"]] == list(range(1, 9))
+  assert figures["max_rel_diff"] <= figures["tolerance"] == 1e-4
+  # The losses fall: both frameworks are training, not just evaluating the same weights.
+  assert figures["rows"][-1]["reference"] < figures["rows"][0]["reference"] - 0.5
+
+
+def test_reference_run_refuses_a_folder_that_is_not_the_reference(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "reference_run.py"), "--reference", str(tmp_path)],
+      capture_output=True, text=True, timeout=120, check=False,
+  )
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not a checkout")

@@ -20,6 +20,12 @@ Batches are padded to a multiple of the device count (repeats of the last row, d
 results), so the rows and the memory layers' lookups split evenly over the mesh. One process;
 a multi-host run is not served.
 
+The paper's question-answering metrics, for task files' `process_results` (lm-eval's nq_open and
+triviaqa score exact match only, each with its own normalisation, and no F1 or answer NLL):
+`qa_scores` gives SQuAD-normalised exact match and word F1, each the best over the gold answers;
+`answer_nll` gives -log p(gold answer | question) from a loglikelihood request, Figure 1's
+answer NLL. `memjax/lm_eval_tasks/` holds nq_open and triviaqa scored with them, found by name.
+
 Axis letters (see memjax): B batch, T time, W vocabulary.
 """
 
@@ -30,6 +36,8 @@ import collections
 import functools
 import json
 import pathlib
+import re
+import string
 import sys
 from typing import Any, Sequence
 
@@ -215,6 +223,54 @@ def _cut(text: str, until: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Question-answering metrics. A task file's `process_results: !function utils.NAME` calls them
+# through a utils.py beside it that passes its dataset's gold answers.
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalise_answer(text: str) -> str:
+  """SQuAD's normalisation: lowercased, ASCII punctuation deleted, the articles a, an and the
+  dropped, words joined by single spaces."""
+  return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def answer_f1(prediction: str, gold: str) -> float:
+  """F1 of the normalised answers' words (a word shared as often as both have it); 1 when both
+  normalise to nothing, 0 when one does."""
+  pred, ref = normalise_answer(prediction).split(), normalise_answer(gold).split()
+  if not pred or not ref:
+    return float(pred == ref)
+  shared = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+  if not shared:
+    return 0.0
+  precision, recall = shared / len(pred), shared / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def qa_scores(prediction: str, golds: str | Sequence[str]) -> dict[str, float]:
+  """`exact_match` and `f1` of a generated answer against the gold answers (TriviaQA's aliases,
+  NQ's answers): each the best over them, as TriviaQA and NQ score."""
+  golds = [golds] if isinstance(golds, str) else list(golds)
+  if not golds:
+    raise ValueError("a question needs at least one gold answer")
+  pred = normalise_answer(prediction)
+  return {
+      "exact_match": max(float(pred == normalise_answer(gold)) for gold in golds),
+      "f1": max(answer_f1(prediction, gold) for gold in golds),
+  }
+
+
+def answer_nll(doc: dict, results: Sequence[tuple[float, bool]]) -> dict[str, float]:
+  """`process_results` of a loglikelihood task whose continuation is the gold answer: its
+  negative log-likelihood given the question, summed over its tokens, in nats."""
+  del doc
+  ((logp, _),) = results
+  return {"answer_nll": -logp}
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading a run, running tasks, the command line.
 
 
@@ -226,12 +282,17 @@ def load_run(path: str | pathlib.Path):
   return cfg, model, tokenizer, sharding.make_mesh(cfg.mesh)
 
 
+# memjax's task files: the paper's QA tasks with the metrics above.
+TASKS_DIR = pathlib.Path(__file__).resolve().parent / "lm_eval_tasks"
+
+
 def task_manager(tasks: Sequence[str]):
   """An lm-eval TaskManager that knows `tasks` (names, or paths of task YAML files, whose
-  folders it indexes), and the task names to ask it for. Raises ValueError naming the unknown."""
+  folders it indexes; memjax's `TASKS_DIR` always), and the task names to ask it for. Raises
+  ValueError naming the unknown."""
   from lm_eval.tasks import TaskManager
 
-  names, folders = [], []
+  names, folders = [], [str(TASKS_DIR)]
   for task in tasks:
     if task.endswith((".yaml", ".yml")):
       path = pathlib.Path(task)
@@ -243,8 +304,9 @@ def task_manager(tasks: Sequence[str]):
     else:
       names.append(task)
   # Indexing lm-eval's own thousands of task files takes seconds: only when a name needs it.
-  needs_defaults = any(not n.endswith((".yaml", ".yml")) for n in names)
-  manager = TaskManager(include_path=folders or None, include_defaults=needs_defaults)
+  ours = {path.stem for path in TASKS_DIR.glob("*.yaml")}  # each file is named as its task
+  needs_defaults = any(not n.endswith((".yaml", ".yml")) and n not in ours for n in names)
+  manager = TaskManager(include_path=folders, include_defaults=needs_defaults)
   unknown = [n for n in names if not n.endswith((".yaml", ".yml")) and n not in manager.all_tasks]
   if unknown:
     raise ValueError(

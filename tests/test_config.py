@@ -418,6 +418,16 @@ def test_lingua_training_keys_left_out_take_lingua_defaults():
   assert train.log_every == 10  # LoggingArgs.freq
 
 
+def test_a_lingua_file_without_data_seq_len_trains_on_lingua_s_2048_tokens():
+  model = {"dim": 64, "n_heads": 4, "max_seqlen": 512}
+  with pytest.warns(UserWarning):
+    bare = config.from_dict(Config, lingua.to_memjax({"model": model}))
+  # DataArgs.seq_len, which Lingua's training also writes into the model's max_seqlen.
+  assert (bare.train.seq_len, bare.model.max_seqlen) == (2048, 2048)
+  given = config.from_dict(Config, lingua.to_memjax({"model": model}, training=False))
+  assert given.model.max_seqlen == 512  # a trained model's own, as its params.json says
+
+
 def test_lingua_cosine_shape_keys_map():
   optim = lingua_trainable("debug", ["optim.cycle_length=0.5", "optim.cosine_theta=2"]).optim
   assert (optim.scheduler, optim.cycle_length, optim.cosine_theta) == ("cosine", 0.5, 2.0)

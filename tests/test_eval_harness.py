@@ -1,5 +1,6 @@
 """Downstream evaluation with lm-evaluation-harness: a small trained run on two local tasks, the
-adapter's log-likelihoods against the model's logits, the command line and its errors."""
+adapter's log-likelihoods against the model's logits, the QA metrics (exact match, F1, answer
+NLL) by hand and through the command, memjax's own task files, the command line and its errors."""
 
 import json
 import os
@@ -28,6 +29,7 @@ from support.training import smoke_config  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TASKS = ROOT / "tests" / "data" / "lm_eval"
 LOCAL_TASKS = [str(TASKS / "memjax_choice.yaml"), str(TASKS / "memjax_qa.yaml")]
+QA_NLL_TASK = str(TASKS / "memjax_qa_nll.yaml")
 
 pytestmark = pytest.mark.usefixtures("fast_compile_module", "in_repo_root", "hf_cache")
 
@@ -88,7 +90,7 @@ def test_a_trained_run_is_evaluated_on_a_multiple_choice_and_a_generation_task(l
   metrics = task_metrics(results)
   assert set(metrics) == {"memjax_choice", "memjax_qa"}
   assert {"acc,none", "acc_norm,none"} <= set(metrics["memjax_choice"])
-  assert "exact_match,remove_whitespace" in metrics["memjax_qa"]
+  assert {"exact_match,remove_whitespace", "f1,remove_whitespace"} <= set(metrics["memjax_qa"])
   for task, values in metrics.items():
     assert values and all(0 <= v <= 1 for v in values.values()), (task, values)
   assert results["n-samples"]["memjax_choice"]["effective"] == 6
@@ -153,6 +155,142 @@ def test_the_command_prints_and_writes_per_task_metrics(run_dir, tmp_path, capsy
       [sys.executable, "-m", "memjax.eval", "--help"], capture_output=True, text=True, check=True
   ).stdout
   assert usage.startswith("usage: python -m memjax.eval") and "--num-fewshot" in usage
+
+
+@pytest.mark.parametrize(
+    "text, normalised",
+    [
+        ("The  Sun!", "sun"),
+        ("An apple, a day", "apple day"),
+        ("Theater of the absurd", "theater of absurd"),  # articles as whole words only
+        ("U.S.A.", "usa"),
+        (" Rock-'n'-roll\t\n", "rocknroll"),
+        ("the-end", "theend"),  # punctuation goes first, as in SQuAD
+        ("A", ""),
+        ("Élan «vital»", "élan «vital»"),  # Unicode letters lowercased, only ASCII punctuation
+    ],
+)
+def test_answers_are_normalised_as_squad_normalises_them(text, normalised):
+  assert harness.normalise_answer(text) == normalised
+
+
+def test_exact_match_and_f1_take_the_best_of_the_gold_answers():
+  # "eiffel tower in paris" against "eiffel tower": P 2/4, R 2/2; against "paris": P 1/4, R 1/1.
+  scores = harness.qa_scores("the Eiffel Tower in Paris", ["Eiffel Tower", "Paris"])
+  assert scores == {"exact_match": 0.0, "f1": pytest.approx(2 / 3)}
+  assert harness.answer_f1("the Eiffel Tower in Paris", "Paris") == pytest.approx(0.4)
+  assert harness.qa_scores("Paris.", ["City of Light", "paris"]) == {"exact_match": 1.0, "f1": 1.0}
+  # Shared words count as often as both answers have them: "new" once, "york" once; P 2/3, R 1.
+  assert harness.answer_f1("new new york", "New York") == pytest.approx(0.8)
+  assert harness.qa_scores("sky blue", "blue sky") == {"exact_match": 0.0, "f1": 1.0}
+  assert harness.qa_scores("The", ["the"]) == {"exact_match": 1.0, "f1": 1.0}  # both empty
+  assert harness.qa_scores("", ["blue"]) == {"exact_match": 0.0, "f1": 0.0}
+  with pytest.raises(ValueError, match="at least one gold answer"):
+    harness.qa_scores("blue", [])
+
+
+# What the fake generation answers to each memjax_qa question, and the scores by hand.
+ANSWERS = {
+    "What color is the sky": " The blue sky",  # EM 0 ("blue sky"); F1 1 against "sky blue"
+    "How many legs has a dog": " 4",  # EM 1 against the alias "4"
+    "What do bees make": " honey and wax",  # EM 0; F1: P 1/3, R 1: 0.5
+    "What is frozen water": " Ice!",  # EM 1
+    "Which star lights the day": " the sun",  # EM 1 against "the Sun"
+}
+
+
+def test_the_command_scores_exact_match_f1_and_answer_nll_as_computed_by_hand(
+    lm, run_dir, tmp_path, monkeypatch
+):
+  def generate_until(self, requests, disable_tqdm=False):
+    questions = [request.args[0].removeprefix("Q: ").removesuffix("?\nA:") for request in requests]
+    return [ANSWERS[q] for q in questions]
+
+  monkeypatch.setattr(harness.MemjaxLM, "generate_until", generate_until)
+  output = tmp_path / "qa.json"
+  harness.main([
+      str(run_dir), "--tasks", f"{LOCAL_TASKS[1]},{QA_NLL_TASK}", "--output", str(output)
+  ])
+  metrics = task_metrics(json.loads(output.read_text()))
+  assert metrics["memjax_qa"]["exact_match,remove_whitespace"] == pytest.approx(3 / 5)
+  assert metrics["memjax_qa"]["f1,remove_whitespace"] == pytest.approx((1 + 1 + 0.5 + 1 + 1) / 5)
+  # The answer NLL: the first answer after its question, as the adapter scores any request.
+  docs = [json.loads(line) for line in (TASKS / "memjax_qa.jsonl").read_text().splitlines()]
+  requests = [Request((f"Q: {d['question']}?\nA:", f" {d['answers'][0]}")) for d in docs]
+  want = -np.mean([logp for logp, _ in lm.loglikelihood(requests, disable_tqdm=True)])
+  assert want > 0
+  assert metrics["memjax_qa_nll"]["answer_nll,none"] == pytest.approx(want, rel=1e-4)
+
+
+def test_memjax_nq_open_files_prompt_as_nq_open_and_score_the_first_answer(
+    lm, tmp_path, monkeypatch
+):
+  # The task files over local rows shaped as the Hub's nq_open; lm-eval draws the shot from two
+  # train rows (alike: the prompt is the same whichever it draws).
+  shot = {"question": "who wrote hamlet", "answer": ["Shakespeare", "W. Shakespeare"]}
+  rows = {
+      "train": [shot, shot],
+      "validation": [{"question": "what is the capital of france", "answer": ["Paris"]}],
+  }
+  files = {}
+  for split, docs in rows.items():
+    files[split] = tmp_path / f"{split}.jsonl"
+    files[split].write_text("".join(json.dumps(d) + "\n" for d in docs))
+  tasks = []
+  for name in ("nq_open_memjax", "nq_open_answer_nll"):
+    tasks.append(tmp_path / f"local_{name}.yaml")
+    tasks[-1].write_text(
+        f"include: {harness.TASKS_DIR / name}.yaml\ntask: local_{name}\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {files['train']}\n"
+        f"    validation: {files['validation']}\n"
+    )
+  seen = {}
+
+  def generate_until(self, requests, disable_tqdm=False):
+    seen["generate"] = [request.args[0] for request in requests]
+    return [" the city of Paris"]
+
+  def loglikelihood(self, requests, disable_tqdm=False):
+    seen["loglikelihood"] = [request.args for request in requests]
+    return [(-1.5, False)]
+
+  monkeypatch.setattr(harness.MemjaxLM, "generate_until", generate_until)
+  monkeypatch.setattr(harness.MemjaxLM, "loglikelihood", loglikelihood)
+  results = harness.evaluate(lm, [str(t) for t in tasks], num_fewshot=1)
+  prompt = (
+      "Answer these questions:\n\nQ: who wrote hamlet?\nA: Shakespeare\n"
+      "Q: what is the capital of france?\nA:"
+  )
+  assert seen == {"generate": [prompt], "loglikelihood": [(prompt, " Paris")]}
+  metrics = task_metrics(results)
+  # "city of paris" against "paris": P 1/3, R 1.
+  assert metrics["local_nq_open_memjax"] == {
+      "exact_match,remove_whitespace": 0.0, "f1,remove_whitespace": pytest.approx(0.5)}
+  assert metrics["local_nq_open_answer_nll"] == {"answer_nll,none": 1.5}
+
+
+def test_memjax_task_files_are_found_by_name_and_score_their_datasets_answers():
+  from lm_eval.tasks._yaml_loader import load_yaml  # what TaskManager reads task files with
+
+  manager, names = harness.task_manager(["nq_open_memjax", "triviaqa_answer_nll"])
+  assert names == ["nq_open_memjax", "triviaqa_answer_nll"]
+  tasks = {p.stem: load_yaml(p) for p in harness.TASKS_DIR.glob("*.yaml")}
+  assert set(tasks) <= set(manager.all_tasks)
+  assert all(config["task"] == name for name, config in tasks.items())  # files named as tasks
+  assert set(tasks) == {
+      "nq_open_memjax", "triviaqa_memjax", "nq_open_answer_nll", "triviaqa_answer_nll"
+  }
+  # Rows shaped as the Hub's nq_open and trivia_qa (rc.nocontext) rows.
+  nq = {"question": "who wrote hamlet", "answer": ["William Shakespeare", "Shakespeare"]}
+  trivia = {"question": "Which planet is red?",
+            "answer": {"value": "Mars", "aliases": ["Mars", "The Red Planet"]}}
+  assert tasks["nq_open_memjax"]["process_results"](nq, ["shakespeare"]) == {
+      "exact_match": 1.0, "f1": 1.0}
+  assert tasks["triviaqa_memjax"]["process_results"](trivia, ["red planet earth"]) == {
+      "exact_match": 0.0, "f1": pytest.approx(0.8)}
+  for name in ("nq_open_answer_nll", "triviaqa_answer_nll"):
+    assert tasks[name]["process_results"](nq, [(-2.5, False)]) == {"answer_nll": 2.5}
+    assert tasks[name]["output_type"] == "loglikelihood"
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ def test_cli_trains_evaluates_saves_and_generates(tmp_path, data_dir, capsys):
   losses = logged(run_dir, "train/loss")
   assert sorted(losses) == list(range(1, 7)) and all(0 < x < 10 for x in losses.values())
   assert set(logged(run_dir, "eval/loss")) == {3, 6}
+  assert set(logged(run_dir, "eval/bits_per_byte")) == {3, 6} and "bits per byte" in text
   assert (run_dir / "checkpoints" / "6").is_dir()
   assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -16,6 +16,7 @@ import base64
 import binascii
 from typing import Protocol, Sequence
 
+import numpy as np
 from etils import epath
 
 TOKENIZER_KINDS = ("bytes", "sentencepiece", "tiktoken")
@@ -35,6 +36,12 @@ class Tokenizer(Protocol):
 
   def decode(self, ids: Sequence[int]) -> str:
     """The text of `ids`; special ids (BOS, EOS, padding) are skipped."""
+    ...
+
+  def byte_lengths(self) -> np.ndarray:
+    """(2, vocab_size) int32: the UTF-8 bytes each id adds to its document's decoded text, as
+    any but the document's first id (row 0) and as its first, right after BOS (row 1); special
+    ids add 0. A document's ids sum to len(decode(ids).encode()) (bits per byte counts them)."""
     ...
 
 
@@ -61,6 +68,9 @@ class ByteTokenizer:
     ids = _check_ids(ids, self.vocab_size, self.name)
     # A model can emit byte sequences that are not UTF-8; show them rather than fail.
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+  def byte_lengths(self) -> np.ndarray:
+    return np.tile(np.arange(self.vocab_size) < 256, (2, 1)).astype(np.int32)
 
 
 class SentencePieceTokenizer:
@@ -95,6 +105,24 @@ class SentencePieceTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     ids = _check_ids(ids, self.vocab_size, self.name)
     return self._sp.decode([i for i in ids if not self._sp.is_control(i)])
+
+  def byte_lengths(self) -> np.ndarray:
+    sp, out = self._sp, np.zeros((2, self.vocab_size), np.int32)
+    # With add_dummy_prefix, encode puts a space before the text that decode drops again.
+    first = sp.encode("a")[:1]
+    dummy_prefix = bool(first) and sp.id_to_piece(first[0]).startswith("\u2581")
+    for i in range(self.vocab_size):
+      if sp.is_control(i) or sp.is_unused(i):
+        continue
+      if sp.is_byte(i):  # byte fallback: <0xE2> is one byte of a character
+        out[:, i] = 1
+      elif sp.is_unknown(i):  # decodes to its surface, " \u2047 " by default
+        out[:, i] = len(sp.decode([i]).encode())
+      else:
+        piece = sp.id_to_piece(i)
+        out[:, i] = len(piece.replace("\u2581", " ").encode())
+        out[1, i] -= dummy_prefix and piece.startswith("\u2581")
+    return out
 
 
 # The pre-tokenisation split of Llama 3 (the same as OpenAI's cl100k_base): runs of letters with
@@ -170,6 +198,10 @@ class TiktokenTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     ids = _check_ids(ids, self.vocab_size, self.name)
     return self._encoding.decode([i for i in ids if i < self.bos_id], errors="replace")
+
+  def byte_lengths(self) -> np.ndarray:
+    lengths = [len(self._encoding.decode_single_token_bytes(i)) for i in range(self.bos_id)]
+    return np.tile(np.asarray(lengths + [0, 0], np.int32), (2, 1))
 
 
 def _read_model_file(path: str | epath.PathLike) -> bytes:

@@ -151,8 +151,9 @@ def to_memjax(data: dict, training: bool = True) -> dict:
 
   - Model fields map by name; `n_heads: null` becomes dim // head_dim, as Lingua derives it.
   - `vocab_size: -1` (Lingua's "the tokenizer's") becomes `data.tokenizer.name`'s size.
-  - `max_seqlen` is `data.seq_len` when given: Lingua's training overwrites it with that; it is
-    also `train.seq_len`, the length Lingua trains on.
+  - `max_seqlen` is `data.seq_len` (Lingua's default 2048 when the file has none): Lingua's
+    training overwrites it with that; it is also `train.seq_len`, the length Lingua trains on.
+    `training=False` keeps the model's `max_seqlen` when there is no `data.seq_len`.
   - `distributed.model_dtype` is the compute dtype; parameters stay float32 (Lingua's FSDP master
     weights) and a memory table is bfloat16, as the reference creates and trains it (spec 1.6).
   - `model.seed` (default 42) is `seed`, the seed Lingua initialises the weights from;
@@ -217,7 +218,9 @@ def to_memjax(data: dict, training: bool = True) -> dict:
     head_dim = _positive_int(m["head_dim"], "model.head_dim")
     model["n_heads"] = _positive_int(m["dim"], "model.dim") // head_dim
   model["vocab_size"] = _vocab_size(m["vocab_size"], data_section)
-  model["max_seqlen"] = data_section.get("seq_len", m["max_seqlen"])
+  # Lingua's training sets max_seqlen to data.seq_len (DataArgs' 2048 when the file has none).
+  default_seq_len = DATA_DEFAULTS["seq_len"] if training else m["max_seqlen"]
+  model["max_seqlen"] = data_section.get("seq_len", default_seq_len)
   model_dtype = distributed.get("model_dtype", "bf16")
   if model_dtype not in MODEL_DTYPES:
     raise ConfigError(

@@ -1,4 +1,5 @@
-"""The evals a run schedules: held-out loss and perplexity, fact recall, memory usage.
+"""The evals a run schedules: held-out loss, perplexity and bits per byte, fact recall and
+memory usage.
 
 Each eval is an object with a `name` that computes its metrics from an `EvalContext` and formats
 its own log lines and its part of the run's summary line; `make_evals` lists those a run has.
@@ -53,8 +54,8 @@ class EvalContext:
       self, state: TrainState, *, eval_step: Callable, batches: Sequence[jax.Array],
       memory: MemoryConfig,
   ):
-    self.state = state
-    self._eval_step, self._batches, self._memory = eval_step, batches, memory
+    self.state, self.batches = state, batches
+    self._eval_step, self._memory = eval_step, memory
 
   @functools.cached_property
   def heldout(self) -> HeldOutPass:
@@ -66,7 +67,7 @@ class EvalContext:
           layers=self._memory.layers, heads=self._memory.heads, n_slots=self._memory.n_slots
       )
     total, count = 0.0, 0
-    for batch in self._batches:
+    for batch in self.batches:
       loss_sum, n, intermediates = self._eval_step(self.state.params, self.state.other, batch)
       total, count = total + float(loss_sum), count + int(n)
       if usage is not None:
@@ -96,7 +97,7 @@ def make_evals(
   """The evals this run's config and inputs allow, in the order their lines print."""
   evals: list[Eval] = []
   if inputs.eval_batches:
-    evals.append(HeldOutLoss())
+    evals.append(HeldOutLoss(inputs.tokenizer))
   if inputs.probes:
     forward = make_forward(graphdef, out_sharding=sharding.replicated(mesh))
     evals.append(
@@ -117,24 +118,55 @@ def make_evals(
 
 
 class HeldOutLoss:
-  """Mean token loss and perplexity over the eval batches."""
+  """Mean token loss, perplexity and bits per byte over the eval batches.
+
+  Bits per byte is the summed token loss in bits over the UTF-8 bytes of the text the target
+  tokens decode to (`tokenizer.byte_lengths()`, BOS, EOS and padding 0 bytes): unlike the loss
+  per token, it compares runs with different tokenizers. The bytes are counted on device, from
+  the same placed batches as the loss.
+  """
 
   name = "heldout"
+
+  def __init__(self, tokenizer: data.Tokenizer):
+    self.byte_lengths_2W = tokenizer.byte_lengths()
+    self.bos_id = tokenizer.bos_id
 
   def __call__(self, ctx: EvalContext) -> Metrics:
     heldout = ctx.heldout
     if not heldout.tokens:
       return {}
     loss = heldout.loss_sum / heldout.tokens
-    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0)))}
+    out = {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0)))}
+    n_bytes = sum(
+        int(_target_bytes(self.byte_lengths_2W, self.bos_id, batch)) for batch in ctx.batches
+    )
+    if n_bytes:
+      out["eval/bits_per_byte"] = heldout.loss_sum / math.log(2) / n_bytes
+    return out
 
   def lines(self, metrics: Metrics) -> list[str]:
     if not metrics:
       return []
-    return [f"eval loss {metrics['eval/loss']:.4f} (perplexity {metrics['eval/perplexity']:.2f})"]
+    line = f"eval loss {metrics['eval/loss']:.4f} (perplexity {metrics['eval/perplexity']:.2f}"
+    if "eval/bits_per_byte" in metrics:
+      line += f", {metrics['eval/bits_per_byte']:.4f} bits per byte"
+    return [line + ")"]
 
   def summary(self, metrics: Metrics) -> str:
-    return f"eval loss {metrics['eval/loss']:.4f}" if metrics else ""
+    if not metrics:
+      return ""
+    if "eval/bits_per_byte" not in metrics:
+      return f"eval loss {metrics['eval/loss']:.4f}"
+    return f"eval loss {metrics['eval/loss']:.4f} ({metrics['eval/bits_per_byte']:.4f} bits/byte)"
+
+
+@jax.jit
+def _target_bytes(byte_lengths_2W, bos_id, tokens_BT):
+  """UTF-8 bytes of the text that the targets of (B, T + 1) rows decode to: a target right after
+  BOS reads row 1 of the table (SentencePiece's dummy-prefix space is no byte of the text)."""
+  after_bos_BT = (tokens_BT[:, :-1] == bos_id).astype(jnp.int32)
+  return jnp.sum(byte_lengths_2W[after_bos_BT, tokens_BT[:, 1:]])
 
 
 # ----------------------------------------------------------------------------------------------

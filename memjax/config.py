@@ -22,9 +22,10 @@ BagImpl = Literal["auto", *impls.NAMES]
 MoEImpl = Literal["auto", "ragged", "blocked"]
 Scheduler = Literal["linear", "cosine"]
 TableUpdate = Literal["dense", "sparse"]
-DataSource = Literal["knowledge", "tfds", "files", "lingua"]
+DataSource = Literal["knowledge", "tfds", "files", "lingua", "arrayrecord"]
 Initialize = Literal["auto", "on", "off"]
 TokenizerKind = Literal["bytes", "sentencepiece", "tiktoken"]
+WandbMode = Literal["disabled", "online", "offline"]
 
 
 class ConfigError(ValueError):
@@ -275,8 +276,8 @@ class DataConfig:
   split: str = "train"
   eval_split: str = ""  # held-out TFDS split for eval loss; "" = no eval loss (source=tfds)
   data_dir: str = ""  # TFDS data_dir, local or gs://; "" = TFDS's default (memjax's cache for knowledge)
-  path: str = ""  # glob of text or JSONL files (source=files)
-  eval_path: str = ""  # glob of held-out files; "" = no eval loss (source=files or lingua)
+  path: str = ""  # glob of text or JSONL files (source=files); prepared directory (arrayrecord)
+  eval_path: str = ""  # held-out files or prepared directory, as `path`; "" = no eval loss
   text_key: str = "text"  # the text feature of TFDS examples and JSONL records
   # Lingua's layout (source=lingua): root_dir/<name>/*.chunk.*.jsonl per source, drawn by weight.
   root_dir: str = ""
@@ -300,6 +301,8 @@ class DataConfig:
       _check(bool(self.name), "name", "must name a TFDS dataset when source is 'tfds'")
     if self.source == "files":
       _check(bool(self.path), "path", "must be a glob of text/JSONL files when source is 'files'")
+    if self.source == "arrayrecord":
+      _check(bool(self.path), "path", "must be a prepared directory when source is 'arrayrecord'")
     for name, weight in self.sources.items():
       _check(weight > 0, f"sources.{name}", f"must be a weight > 0, got {weight}")
     if self.source == "lingua":

@@ -130,3 +130,18 @@ def test_reference_run_refuses_a_folder_that_is_not_the_reference(tmp_path):
   )
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path} is not a checkout")
+
+
+def test_prepare_smoke(tmp_path):
+  out = tmp_path / "prepare.json"
+  proc = run_script("prepare.py", "--work-dir", str(tmp_path), "--json", str(out), timeout=300)
+  assert "| memjax.data.prepare | 2 |" in proc.stdout and "| files, index cached |" in proc.stdout
+  figures = json.loads(out.read_text())
+  assert [p["processes"] for p in figures["prepare"]] == [1, 2]
+  assert len({(p["documents"], p["tokens"]) for p in figures["prepare"]}) == 1
+  for p in figures["prepare"]:
+    assert p["MB_per_s"] > 0 and p["tokens_per_s"] > 0 and p["shards"] > 1, p
+  assert [r["source"].split(",")[0].split(" ")[0] for r in figures["startup"]] == [
+      "files", "files", "arrayrecord"]
+  assert all(r["seconds"] > 0 and r["documents"] == p["documents"] for r in figures["startup"])
+  assert not list(tmp_path.glob("prepared_*"))  # the shards are deleted unless --keep

@@ -113,3 +113,24 @@ def test_tfds_source_errors_name_dataset_split_and_field(data_dir, tmp_path):
     sources.tfds_source(name, "train[:0]", data_dir)
   with pytest.raises(DataError, match="data.text_key: .* no feature 'body'; it has answer"):
     sources.tfds_source(name, "train", data_dir, text_key="body")
+
+
+def test_a_files_index_is_cached_until_the_file_changes(tmp_path, monkeypatch):
+  monkeypatch.setenv("MEMJAX_CACHE_DIR", str(tmp_path / "cache"))
+  path = write(tmp_path / "d.jsonl", '{"text": "one"}\n\n{"text": "two"}\n')
+  assert [sources.file_source(str(path))[i] for i in range(2)] == ["one", "two"]
+  assert len(list((tmp_path / "cache" / "file_index").iterdir())) == 1
+
+  def no_parsing(*args):
+    raise AssertionError("indexed again")
+
+  with monkeypatch.context() as m:  # a restart reads the index: no line is parsed
+    m.setattr(sources, "_index_file", no_parsing)
+    docs = sources.file_source(str(path))
+    assert [docs[i] for i in range(len(docs))] == ["one", "two"]
+  # Another text key or another version of the file is indexed (and checked) again.
+  with pytest.raises(DataError, match="no key 'body'"):
+    sources.file_source(str(path), text_key="body")
+  write(path, '{"text": "one"}\n{"text": "2"}\n{"text": "three"}\n')
+  docs = sources.file_source(str(path))
+  assert [docs[i] for i in range(len(docs))] == ["one", "2", "three"]

@@ -2,7 +2,9 @@
 
     sources.py     random-access documents (str): a TFDS dataset's data source (ArrayRecord,
                    no TensorFlow), local text / JSONL files, or Lingua's weighted JSONL chunk
-                   folders (a `Mixture`)
+                   folders (a `Mixture`); or token ids from shards made by prepare.py
+    prepare.py     `python -m memjax.data.prepare`: text / JSONL / Lingua chunk files ->
+                   tokenized ArrayRecord shards, in parallel and resumable
     knowledge.py   the embedded corpus: biographies of fictional people as a locally built TFDS
                    dataset, and completion probes of their facts (recall vs chance)
     tokenizers.py  text <-> ids: bytes (the reference's), SentencePiece, tiktoken; BOS and EOS ids
@@ -33,6 +35,7 @@ from memjax.data.sources import (
     DataError,
     DocumentSource,
     Mixture,
+    arrayrecord_source,
     file_source,
     lingua_source,
     split_heldout,
@@ -50,7 +53,7 @@ from memjax.data.tokenizers import (
 __all__ = [
     "ATTRIBUTES", "ByteTokenizer", "DataError", "DocumentSource", "Mixture", "Person", "Probe",
     "SentencePieceTokenizer", "ShardGroup", "TOKENIZER_KINDS", "TiktokenTokenizer", "Tokenizer",
-    "biographies", "biography", "build_knowledge_dataset", "chance_level", "dataset_name",
-    "eval_batches", "file_source", "lingua_source", "make_batches", "make_people",
+    "arrayrecord_source", "biographies", "biography", "build_knowledge_dataset", "chance_level",
+    "dataset_name", "eval_batches", "file_source", "lingua_source", "make_batches", "make_people",
     "make_shard_group", "make_tokenizer", "probe_ids", "probes", "split_heldout", "tfds_source",
 ]

@@ -1,7 +1,8 @@
 """Packed token batches with grain: `make_batches` for training, `eval_batches` for eval loss.
 
     documents (a source) -> this process's shard -> shuffled per epoch -> repeated
-      -> tokenized, framed as BOS doc EOS -> packed into rows -> batches (B, T+1) int32
+      -> tokenized (unless prepared), framed as BOS doc EOS -> packed into rows
+      -> batches (B, T+1) int32
 
 Mixtures. A `Mixture`'s sources each go through shard, shuffle and repeat on their own (each
 from its own seed) and are then interleaved by `grain.MapDataset.mix` in proportion to their
@@ -45,9 +46,14 @@ from memjax.data.tokenizers import Tokenizer
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
 
 
-def _frame(tokenizer: Tokenizer, add_bos: bool, add_eos: bool, text: str) -> np.ndarray:
-  ids = [tokenizer.bos_id] * add_bos + tokenizer.encode(text) + [tokenizer.eos_id] * add_eos
-  return np.array(ids, dtype=np.int32)
+def _frame(
+    tokenizer: Tokenizer, add_bos: bool, add_eos: bool, doc: str | np.ndarray
+) -> np.ndarray:
+  # Prepared sources hold token ids already (`arrayrecord_source`); others hold text.
+  ids = doc if isinstance(doc, np.ndarray) else tokenizer.encode(doc)
+  bos = np.full(int(add_bos), tokenizer.bos_id, np.int32)
+  eos = np.full(int(add_eos), tokenizer.eos_id, np.int32)
+  return np.concatenate([bos, np.asarray(ids, np.int32), eos])
 
 
 class _PackedRowsIterator(grain.DatasetIterator):

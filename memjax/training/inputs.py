@@ -107,6 +107,13 @@ def make_inputs(cfg: Config, process_index: int = 0, process_count: int = 1) -> 
     source = data.lingua_source(d.root_dir, d.sources, d.text_key)
     heldout = data.file_source(d.eval_path, d.text_key) if d.eval_path else None
     description = f"Lingua sources in {d.root_dir}: {source!r}"
+  elif d.source == "arrayrecord":
+    tokenizer_path = d.tokenizer_path or None
+    source = data.arrayrecord_source(d.path, tokenizer, tokenizer_path)
+    heldout = None
+    if d.eval_path:
+      heldout = data.arrayrecord_source(d.eval_path, tokenizer, tokenizer_path, "data.eval_path")
+    description = f"prepared shards in {d.path}"
   else:
     source = data.file_source(d.path, d.text_key)
     heldout = data.file_source(d.eval_path, d.text_key) if d.eval_path else None

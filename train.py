@@ -14,6 +14,8 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from memjax import platforms  # noqa: E402
+platforms.quiet_libtpu()  # before JAX starts a backend
 
 from memjax import config as config_lib  # noqa: E402
 from memjax import config_loading  # noqa: E402

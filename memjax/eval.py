@@ -1,6 +1,8 @@
 """`python -m memjax.eval <run dir> --tasks ...`: see `memjax.evaluation_harness`."""
 
+from memjax import platforms
 from memjax.evaluation_harness import main
 
 if __name__ == "__main__":
+  platforms.quiet_libtpu()  # before JAX starts a backend
   main()

@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       prog="python -m memjax.generate",
       description="Continue text prompts with a trained memjax model.",
   )
-  parser.add_argument("path", help="run directory or checkpoint path")
+  parser.add_argument("path", help="run directory or checkpoint path, local or gs://")
   parser.add_argument(
       "--prompt", action="append", required=True, help="text to continue; repeat for a batch"
   )
@@ -244,4 +244,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+  from memjax import platforms
+  platforms.quiet_libtpu()  # before JAX starts a backend
   main()

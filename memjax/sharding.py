@@ -24,10 +24,13 @@ fsdp divides.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from memjax.config import ConfigError, MeshConfig
@@ -97,11 +100,70 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+  """The (data, fsdp, memory) mesh over `devices` (default: all), laid onto a TPU slice's torus
+  by jax's mesh_utils. A size that is no product of whole torus axes (8 on a 4x4x4 v5p-128) is
+  placed by splitting a physical axis, with a warning: see `split_torus_axes`."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(cfg, len(devices))
-  return jax.make_mesh(
-      shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+  axis_types = (jax.sharding.AxisType.Auto,) * 3
+  try:
+    return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError:  # mesh_utils found no whole torus axes for some size
+    pass
+  mappable = torus_shapes(devices)
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (NotImplementedError, ValueError) as error:
+    raise ConfigError(
+        "mesh", f"data x fsdp x memory = {shape} does not map onto the devices ({error}); shapes "
+        f"that do: {', '.join('x'.join(map(str, s)) for s in mappable)}"
+    ) from None
+  warnings.warn(
+      f"mesh data x fsdp x memory = {'x'.join(map(str, shape))} split a physical axis of the "
+      f"TPU torus ({SPLIT_COST}); shapes on whole axes: "
+      f"{', '.join('x'.join(map(str, s)) for s in mappable)}",
+      stacklevel=2,
   )
+  return Mesh(grid, AXES, axis_types=axis_types)
+
+
+SPLIT_COST = (
+    "collectives over a mesh axis that holds part of a torus axis run on sub-rings that share "
+    "that axis's links, and lose its wrap-around link: up to about half the bandwidth of a "
+    "whole axis"
+)
+
+
+def torus_shapes(devices) -> list[tuple[int, int, int]]:
+  """The (data, fsdp, memory) shapes over all of `devices` that mesh_utils lays onto whole
+  torus axes, without splitting one."""
+  n = len(devices)
+  shapes = [(d, f, n // (d * f)) for d in range(1, n + 1) for f in range(1, n // d + 1)
+            if n % (d * f) == 0]
+  found = []
+  for shape in shapes:
+    try:
+      mesh_utils.create_device_mesh(shape, devices)
+    except (NotImplementedError, ValueError):
+      continue
+    found.append(shape)
+  return found
+
+
+def split_torus_axes(mesh: Mesh) -> list[str]:
+  """Mesh axes that share a physical torus axis (device coords, and the core on its chip) with
+  another mesh axis: empty when each mesh axis holds whole torus axes."""
+  first = mesh.devices.flat[0]
+  if first.platform != "tpu" or not hasattr(first, "coords"):
+    return []
+  coords = np.array([[*d.coords, getattr(d, "core_on_chip", 0)] for d in mesh.devices.flat])
+  coords = coords.reshape(*mesh.devices.shape, -1)
+  owners: dict[int, set[str]] = {}
+  for i, name in enumerate(mesh.axis_names):
+    line = np.moveaxis(coords, i, 0)[(slice(None),) + (0,) * (coords.ndim - 2)]
+    for physical in np.flatnonzero((line != line[0]).any(axis=0)):
+      owners.setdefault(int(physical), set()).add(name)
+  return sorted({name for names in owners.values() if len(names) > 1 for name in names})
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -7,20 +7,24 @@ differs.
 
 In a multi-process run every process saves and restores: orbax writes each process's shards of
 the state, and `data/` holds one file per data shard, written by the process that reads it.
+
+The run directory may be local or an object store's URI (gs://bucket/runs/x): paths are
+`etils.epath` paths (`memjax.paths`), which orbax takes as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from memjax import config as config_lib
+from memjax import paths
 from memjax.data import DataError
 
 
@@ -98,8 +102,8 @@ def flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 class Checkpointer:
   """One run directory's checkpoints."""
 
-  def __init__(self, run_dir: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
-    self.directory = pathlib.Path(run_dir).resolve() / "checkpoints"
+  def __init__(self, run_dir: epath.PathLike, *, every: int, keep: int, async_save: bool = True):
+    self.directory = paths.as_path(run_dir) / "checkpoints"
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -168,9 +172,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def find_run_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+def find_run_dir(path: epath.PathLike) -> tuple[epath.Path, int | None]:
   """A run directory, its checkpoints directory, or one checkpoint step -> (run dir, step)."""
-  p = pathlib.Path(path).resolve()
+  p = paths.as_path(path)
   if (p / "checkpoints").is_dir():
     return p, None
   if p.name == "checkpoints" and p.is_dir():
@@ -182,7 +186,7 @@ def find_run_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
   )
 
 
-def load_for_inference(path: str | pathlib.Path, *, on_run_mesh: bool = False):
+def load_for_inference(path: epath.PathLike, *, on_run_mesh: bool = False):
   """(config, model with the checkpoint's parameters, tokenizer) from a run dir or checkpoint.
 
   The arrays land on one device, or with `on_run_mesh` straight in their shardings on the run's

@@ -339,6 +339,18 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+  """Weights & Biases logging of the run (`pip install 'memjax[wandb]'`): the metrics that go to
+  metrics.jsonl, and the config. A resumed run continues the same wandb run."""
+
+  mode: WandbMode = "disabled"  # or online, or offline (files under run_dir/wandb; `wandb sync`)
+  project: str = ""  # "" = wandb's default
+  entity: str = ""  # team or user; "" = wandb's default
+  name: str = ""  # the run's display name; "" = the run directory's name
+  group: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """The training run of `train.py`: its length, batches, logging, evaluation and checkpoints."""
 
@@ -357,6 +369,12 @@ class TrainConfig:
   resume: bool = True  # continue from the newest checkpoint in run_dir
   stop_after: int = 0  # end this invocation after N steps, with a checkpoint (0 = run to `steps`)
   tensorboard: bool = True  # event files beside metrics.jsonl
+  wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+  # "START:STOP": a JAX profiler trace of steps START to STOP - 1 in run_dir/profile; "" = none
+  profile: str = ""
+  # JAX's persistent compilation cache: a directory (local or gs://); "auto" =
+  # $JAX_COMPILATION_CACHE_DIR, else memjax's cache dir + /jax (memjax.cache); "off" = none
+  compilation_cache: str = "auto"
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
@@ -370,6 +388,24 @@ class TrainConfig:
         f"must divide batch_size={self.batch_size}, got {self.grad_accum}",
     )
     _check(self.probes >= 0, "probes", f"must be >= 0, got {self.probes}")
+    if self.profile:
+      start, stop = self.profile_steps
+      _check(start <= self.steps, "profile", f"starts after the last step {self.steps}, got "
+             f"{self.profile!r}")
+    _check(bool(self.compilation_cache), "compilation_cache",
+           "must be a directory, 'auto' or 'off', got ''")
+
+  @property
+  def profile_steps(self) -> tuple[int, int]:
+    """(START, STOP) of `profile`; the trace covers steps START <= step < STOP."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.profile)
+    _check(
+        match is not None and 1 <= int(match[1]) < int(match[2]),
+        "profile",
+        f"must be START:STOP with 1 <= START < STOP (the trace covers steps START to STOP - 1, "
+        f"e.g. 10:15), got {self.profile!r}",
+    )
+    return int(match[1]), int(match[2])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,9 +14,11 @@ import re
 from typing import Any, Callable, Sequence
 
 import yaml
+from etils import epath
 from omegaconf import OmegaConf
 
-from memjax.config import Config, ConfigError, from_dict
+from memjax import paths
+from memjax.config import Config, ConfigError, from_dict, to_dict
 from memjax.interop import lingua
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -45,8 +47,13 @@ def split_command_line(
   return path, found, overrides
 
 
-def resolve_path(name_or_path: str | pathlib.Path) -> pathlib.Path:
-  """A path, or the name of a file in `configs/` (with or without `.yaml`)."""
+def resolve_path(name_or_path: str | epath.PathLike) -> epath.Path | pathlib.Path:
+  """A path (local or gs://...), or the name of a file in `configs/` (with or without `.yaml`)."""
+  if paths.is_remote(name_or_path):
+    p = epath.Path(name_or_path)
+    if p.is_file():
+      return p
+    raise FileNotFoundError(f"config {str(name_or_path)!r} not found")
   p = pathlib.Path(name_or_path)
   candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
   for c in candidates:
@@ -81,13 +88,16 @@ _PlaceholderTagLoader.add_implicit_resolver(
 _PlaceholderTagLoader.add_multi_constructor("!", _placeholder)
 
 
-def _load_yaml(path: pathlib.Path):
+def _load_yaml(path: epath.Path | pathlib.Path):
   try:
+    if paths.is_remote(path):  # OmegaConf opens only local files
+      with path.open("r") as f:
+        return OmegaConf.load(f)
     return OmegaConf.load(path)
   except yaml.constructor.ConstructorError:
     # Lingua's templates mark values to edit with an unknown tag (`path: !!CHANGETHIS!!`): read
     # the placeholder as a string, so the model the file describes still loads.
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
       return OmegaConf.create(yaml.load(f, Loader=_PlaceholderTagLoader) or {})
 
 
@@ -96,6 +106,9 @@ def merge_overrides(base: Any, overrides: Sequence[str] = ()) -> dict:
   for item in overrides:
     if "=" not in item:
       raise ConfigError(item, "overrides are written key=value, e.g. model.dim=256")
+  # YAML 1.1 reads 2:4 as the base-60 int 124; memjax has no such field, and train.profile is
+  # written START:STOP.
+  overrides = [re.sub(r"^([^=]+)=(\d+(?::\d+)+)$", r"\1='\2'", item) for item in overrides]
   merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(list(overrides)))
   return OmegaConf.to_container(merged, resolve=True)
 
@@ -104,6 +117,11 @@ def load_dict(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) ->
   """Parses a YAML file and merges dotted `key=value` overrides into it (no validation yet)."""
   base = _load_yaml(resolve_path(path)) if path is not None else {}
   return merge_overrides(base, overrides)
+
+
+def to_yaml(cfg: Config) -> str:
+  """`cfg` as a memjax YAML file (every field, resolved) that `load` reads back to `cfg`."""
+  return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def load(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

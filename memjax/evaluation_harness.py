@@ -44,12 +44,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
-from memjax import checkpoint, data, generate, sharding
+from memjax import checkpoint, data, generate, paths, sharding
 from memjax.model import Transformer, split_for_inference
 
 
@@ -274,9 +275,9 @@ def answer_nll(doc: dict, results: Sequence[tuple[float, bool]]) -> dict[str, fl
 # Loading a run, running tasks, the command line.
 
 
-def load_run(path: str | pathlib.Path):
+def load_run(path: epath.PathLike):
   """(config, model, tokenizer, mesh) of a run dir's newest checkpoint (or a checkpoint step's
-  directory), restored straight into its shardings on the run's mesh over this machine's
+  directory; local or gs://), restored straight into its shardings on the run's mesh over this machine's
   devices."""
   cfg, model, tokenizer = checkpoint.load_for_inference(path, on_run_mesh=True)
   return cfg, model, tokenizer, sharding.make_mesh(cfg.mesh)
@@ -352,7 +353,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own")
   parser.add_argument("--limit", type=float, default=None, help="examples per task (testing)")
   parser.add_argument("--batch-size", type=int, default=32, help="rows per batch")
-  parser.add_argument("--output", type=pathlib.Path, default=None, help="results JSON file")
+  parser.add_argument(
+      "--output", type=epath.Path, default=None, help="results JSON file (local or gs://)"
+  )
   args = parser.parse_args(argv)
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
@@ -366,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   results = evaluate(lm, names, num_fewshot=args.num_fewshot, limit=limit, manager=manager)
   print(metrics_table(results), flush=True)
   if args.output is not None:
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if not paths.is_remote(args.output):  # an object store has no folders
+      args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         json.dumps(results, indent=2, default=lm_utils.handle_non_serializable) + "\n"
     )

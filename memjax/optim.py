@@ -70,6 +70,41 @@ def config_lr_multiplier(cfg: Config) -> optax.Schedule:
                        o.cosine_theta)
 
 
+# The config fields the learning rates' schedule is made of.
+SCHEDULE_FIELDS = (
+    "train.steps", "optim.lr", "optim.value_lr", "optim.scheduler", "optim.warmup",
+    "optim.lr_min_ratio", "optim.cycle_length", "optim.cosine_theta",
+)
+
+
+def schedule_change(saved: Mapping, cfg: Config, step: int) -> str | None:
+  """One line naming the `SCHEDULE_FIELDS` that `cfg` changes from `saved` (the plain config of
+  the checkpoint at `step`), with the next step's learning rates under each; None when none
+  changed. (The schedule is a function of the step: changing train.steps stretches it, and the
+  rate can jump at the resume.)"""
+  old, new = {}, {}
+  for field in SCHEDULE_FIELDS:
+    section, name = field.split(".")
+    new[field] = getattr(getattr(cfg, section), name)
+    old[field] = saved.get(section, {}).get(name, new[field])
+
+  def rates(v):
+    multiplier = lr_multiplier(v["train.steps"], v["optim.warmup"], v["optim.lr_min_ratio"],
+                               v["optim.scheduler"], v["optim.cycle_length"],
+                               v["optim.cosine_theta"])(step)
+    return float(v["optim.lr"] * multiplier), float(v["optim.value_lr"] * multiplier)
+
+  changed = [f"{k} {old[k]} -> {new[k]}" for k in SCHEDULE_FIELDS if old[k] != new[k]]
+  if not changed:
+    return None
+  (lr_old, values_old), (lr_new, values_new) = rates(old), rates(new)
+  line = (f"schedule changed since the checkpoint of step {step}: {', '.join(changed)}; lr at "
+          f"step {step + 1}: {lr_old:.3g} -> {lr_new:.3g}")
+  if cfg.model.memory.enabled:
+    line += f" (value table {values_old:.3g} -> {values_new:.3g})"
+  return line
+
+
 def param_group(variable: nnx.Variable) -> str:
   return "values" if isinstance(variable, MemoryValues) else "dense"
 

@@ -1,16 +1,24 @@
 """Test-wide setup: JAX on 8 virtual CPU devices (for sharding tests), plus precision helpers.
 
 The environment must be set before JAX is first imported, which a top-level conftest guarantees.
-JAX_PLATFORMS is only defaulted, so a device run can still ask for its accelerator.
+JAX_PLATFORMS is only defaulted, so a device run can still ask for its accelerator. Training runs
+keep JAX's persistent compilation cache in a folder of this session (subprocesses inherit it),
+not in the user's cache.
 """
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="memjax-tests-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402

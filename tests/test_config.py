@@ -449,15 +449,34 @@ def test_lingua_null_or_zero_value_lr_trains_the_table_at_the_base_rate(value_fi
   assert cfg.optim.value_lr == cfg.optim.lr == 2e-4
 
 
-def test_lingua_logging_and_profiling_keys_warn_that_they_are_ignored():
-  raw = {"model": {"dim": 64, "n_heads": 4}, "logging": {"wandb": {"project": "pk"}},
+def test_lingua_profiling_and_unmapped_wandb_keys_warn_that_they_are_ignored():
+  raw = {"model": {"dim": 64, "n_heads": 4}, "logging": {"wandb": {"project": "pk", "dir": "/w"}},
          "profiling": {"run": True}, "distributed": {"compile": True}}
   with pytest.warns(UserWarning) as record:
     lingua.to_memjax(raw)
   [message] = [str(r.message) for r in record if "ignored" in str(r.message)]
-  for key in ("logging.wandb", "profiling", "distributed.compile"):
+  for key in ("logging.wandb.dir", "profiling", "distributed.compile"):
     assert key in message
   assert "probe_freq" not in message  # keys at the reference's default are not named
+  assert "logging.wandb.project" not in message  # mapped
+
+
+def test_lingua_logging_wandb_maps_onto_train_wandb_with_the_top_level_name():
+  raw = {"model": {"dim": 64, "n_heads": 4}, "name": "pk_373m",
+         "logging": {"wandb": {"project": "pk", "entity": "team", "mode": "dryrun"}}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the synthetic corpus
+    cfg = config.from_dict(config.Config, lingua.to_memjax(raw))
+  assert cfg.train.wandb == config.WandbConfig(
+      mode="offline", project="pk", entity="team", name="pk_373m")
+  raw["logging"]["wandb"] = {}  # wandb.init's defaults: online
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    assert config.from_dict(config.Config, lingua.to_memjax(raw)).train.wandb.mode == "online"
+  raw["logging"]["wandb"] = None
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    assert config.from_dict(config.Config, lingua.to_memjax(raw)).train.wandb.mode == "disabled"
 
 
 def test_lingua_keys_at_their_defaults_do_not_warn():

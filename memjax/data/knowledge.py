@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from memjax import paths
 from memjax.data.tokenizers import Tokenizer
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "employer_city")
@@ -380,12 +381,21 @@ def build_knowledge_dataset(n_people: int, seed: int, data_dir: str | epath.Path
   """Prepares `memjax_knowledge/n{N}_seed{S}` under `data_dir` unless it is there; its path.
 
   Building is atomic (TFDS renames a finished directory into place); when two processes race,
-  the loser finds the winner's dataset and uses it.
+  the loser finds the winner's dataset and uses it. Under an object store's URI (gs://...), which
+  ArrayRecord cannot write to, it is built in a local temporary folder and copied up, its
+  `dataset_info.json` (what marks it prepared) last.
   """
   _check_size(n_people, seed)
   builder = MemjaxKnowledge(
       config=config_name(n_people, seed), data_dir=data_dir, file_format="array_record"
   )
+  if paths.is_remote(data_dir) and not builder.is_prepared():
+    with tempfile.TemporaryDirectory() as local:
+      built = build_knowledge_dataset(n_people, seed, local)
+      files = sorted(built.iterdir(), key=lambda f: f.name == "dataset_info.json")
+      for f in files:
+        (builder.data_path / f.name).write_bytes(f.read_bytes())
+    return builder.data_path
   # Nothing is downloaded: TFDS still wants a download directory, and would otherwise look for a
   # copy of the dataset on its public GCS bucket first.
   offline = tfds.download.DownloadConfig(try_download_gcs=False)

@@ -45,6 +45,17 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "init_ckpt_path": None, "continue_training_from_init": False,
 }
 LOGGING_DEFAULTS: dict[str, Any] = {"freq": 10, "acc_freq": None, "wandb": None}
+# WandbArgs (lingua/metrics.py): every field defaults to None, wandb.init's own default.
+WANDB_KEYS = (
+    "job_type", "dir", "project", "entity", "tags", "group", "name", "notes",
+    "config_exclude_keys", "config_include_keys", "anonymous", "mode", "allow_val_change",
+    "resume", "force", "tensorboard", "sync_tensorboard", "monitor_gym", "save_code", "id",
+    "fork_from", "resume_from",
+)
+# The ones memjax's train.wandb takes (the run's name is Lingua's top-level `name`, as the
+# reference's training sets it); wandb's old "dryrun" mode is "offline".
+WANDB_MAPPED = ("project", "entity", "group", "mode")
+WANDB_MODES = {None: "online", "run": "online", "dryrun": "offline"}
 PROFILING_DEFAULTS: dict[str, Any] = {
     "run": False, "trace_folder": "profiling", "mem_warmup": 100, "mem_steps": 2,
     "profile_warmup": 102, "profile_steps": 2,
@@ -57,14 +68,16 @@ ENV_DEFAULTS: dict[str, Any] = {
 # Keys that change nothing memjax trains: accepted, and named in one warning when they differ
 # from the reference's default. A section's name stands for all its keys.
 IGNORED = {
-    "name": "a run label for logs and wandb",
+    "name": "a run label; with logging.wandb, the wandb run's name",
     "gc_collect_freq": "when PyTorch's job collects Python garbage",
     "probe_freq": "activation probes written beside the logs",
     "async_eval_gpus": "where the reference runs its evals",
     "env": "environment variables for PyTorch, MKL and NCCL",
     "profiling": "the PyTorch profiler",
     "logging.acc_freq": "logging within gradient accumulation",
-    "logging.wandb": "Weights & Biases; memjax logs metrics.jsonl and TensorBoard",
+    **{f"logging.wandb.{k}": "a wandb.init argument memjax does not pass"
+       for k in WANDB_KEYS if k not in WANDB_MAPPED},
+    "logging.wandb.name": "the reference replaces it with the top-level name",
     "checkpoint.eval.keep": "checkpoints kept at eval steps; memjax keeps checkpoint.dump.keep",
     "data.load_async": "the data loader's reading ahead",
     "data.prefetch_size": "the data loader's reading ahead (Lingua's data layout is refused)",
@@ -170,6 +183,9 @@ def to_memjax(data: dict, training: bool = True) -> dict:
     `data.batch_size` is per data-parallel rank and micro step, so memjax's `train.batch_size`
     (per optimizer step, all devices) becomes `batch_size * grad_acc_steps` of one rank: multiply
     by the number of ranks you trained on.
+  - `logging.wandb` is `train.wandb`: its project, entity, group and mode (null: online), and
+    Lingua's top-level `name` as the run's name (as the reference's training sets it); its other
+    keys are named in the warning below when set.
   - `distributed.memory_parallel_size` is `mesh.memory` (the table's columns split over it, the
     batch too) and `distributed.dp_shard` is `mesh.fsdp`; `mesh.data` takes the other devices.
   - Keys in `IGNORED` are named in one warning when they differ from the reference's default.
@@ -261,6 +277,8 @@ def _sections(data: dict) -> dict[str, dict]:
     _no_unknown(out[name], defaults, name, what)
   _no_unknown(_mapping(out["data"].get("tokenizer"), "data.tokenizer"), DATA_DEFAULTS["tokenizer"],
               "data.tokenizer", "TokenizerArgs")
+  _no_unknown(_mapping(out["logging"].get("wandb"), "logging.wandb"), WANDB_KEYS, "logging.wandb",
+              "WandbArgs")
   for when in ("dump", "eval"):
     field = f"checkpoint.{when}"
     _no_unknown(_mapping(out["checkpoint"].get(when), field), ("every", "keep"), field, "SaveEvery")
@@ -319,7 +337,8 @@ def _warn_ignored(data: dict, sections: dict[str, dict]) -> None:
       **{k: TRAIN_DEFAULTS[k]
          for k in ("name", "gc_collect_freq", "probe_freq", "async_eval_gpus")},
       "env": ENV_DEFAULTS, "profiling": PROFILING_DEFAULTS,
-      **{f"logging.{k}": LOGGING_DEFAULTS[k] for k in ("acc_freq", "wandb")},
+      "logging.acc_freq": LOGGING_DEFAULTS["acc_freq"],
+      **{f"logging.wandb.{k}": None for k in WANDB_KEYS if k not in WANDB_MAPPED},
       "checkpoint.eval.keep": CHECKPOINT_DEFAULTS["eval"]["keep"],
       **{f"data.{k}": DATA_DEFAULTS[k] for k in ("load_async", "prefetch_size")},
       **{f"distributed.{k}": DISTRIBUTED_DEFAULTS[k] for k in (
@@ -327,6 +346,8 @@ def _warn_ignored(data: dict, sections: dict[str, dict]) -> None:
           "compile_cache_size_limit", "matmul_allow_tf32", "detect_anomaly", "spawn_method",
           "float8_filter")},
   }
+  if sections["logging"].get("wandb") is not None:
+    del defaults["name"]  # the wandb run's name
   named = []
   for field, default in defaults.items():
     value = _get(data, field)
@@ -480,6 +501,11 @@ def _train_from(data: dict, sections: dict[str, dict]) -> dict:
   evaluation = {**CHECKPOINT_DEFAULTS["eval"], **_mapping(checkpoint.get("eval"), "checkpoint.eval")}
   train["eval_every"] = evaluation["every"]
   train["log_every"] = sections["logging"].get("freq", LOGGING_DEFAULTS["freq"])
+  wandb = sections["logging"].get("wandb")
+  if wandb is not None:
+    train["wandb"] = {k: wandb[k] for k in WANDB_MAPPED if wandb.get(k) is not None}
+    train["wandb"]["mode"] = WANDB_MODES.get(wandb.get("mode"), wandb.get("mode"))
+    train["wandb"]["name"] = data.get("name", TRAIN_DEFAULTS["name"])
   return train
 
 
@@ -586,6 +612,9 @@ def _lingua_field(field: str, data_section: dict) -> str:
       "train.batch_size": "data.batch_size", "train.checkpoint_every": "checkpoint.dump.every",
       "train.keep_checkpoints": "checkpoint.dump.keep", "train.log_every": "logging.freq",
       "train.eval_every": "checkpoint.eval.every", "train.run_dir": "dump_dir",
+      "train.wandb.mode": "logging.wandb.mode", "train.wandb.project": "logging.wandb.project",
+      "train.wandb.entity": "logging.wandb.entity", "train.wandb.group": "logging.wandb.group",
+      "train.wandb.name": "name",
       "optim.value_lr": "model.productkey_args.value_fixed_lr",
       "data.tokenizer_path": "data.tokenizer.path",
       "model.dtype": "distributed.model_dtype", "seed": "model.seed",

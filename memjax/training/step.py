@@ -200,6 +200,8 @@ def make_train_step(
     )
     metrics = {"loss": loss, "finite": finite, "lr": schedule(state.step),
                **{f"grad_norm/{group}": norm for group, norm in norms.items()}}
+    if cfg.model.memory.enabled:  # the value table's group: its own base rate, the same schedule
+      metrics["lr_values"] = tx.base_lr["values"] * tx.multiplier(state.step)
     if coef:
       metrics["balance_loss"] = balance
     return new_state, metrics

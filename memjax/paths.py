@@ -93,7 +93,8 @@ def read_range(path: str, start: int, stop: int) -> bytes:
 
 
 def _version(info: dict) -> FileVersion:
-  # GCS's generation; other stores' mtime (gcsfs's is GCS's `updated`, to the microsecond).
+  # GCS's generation names the object's content: every write renews it, a metadata change (which
+  # moves its mtime, `updated`) does not. Other stores: their mtime.
   return FileVersion(int(info["size"]), str(info.get("generation") or info.get("mtime")))
 
 

@@ -6,11 +6,15 @@ The emulator (gcp-storage-emulator) runs in this process on the loopback address
 
 - gcsfs (etils.epath's gs:// backend: the run directory's write check, metrics.jsonl, orbax's
   checkpoint metadata and memjax's data-shard files, config and tokenizer files, TFDS's dataset
-  metadata) and google-cloud-storage (tensorboardX's gs:// event writer) read it.
+  metadata, consolidated checkpoints; and fsspec's, which memjax.paths uses for what epath
+  lacks: the `files` and `lingua` sources' and `memjax.data.prepare`'s recursive globs with
+  generations, and their ranged reads) and google-cloud-storage (tensorboardX's gs:// event
+  writer) read it.
 - tensorstore (orbax's array files) does not: it reads `TENSORSTORE_GCS_HTTP_URL`, and
   `GOOGLE_AUTH_TOKEN_FOR_TESTING` in place of credentials.
-- array_record (TFDS's ArrayRecord reader, through google-cloud-cpp) does not: it reads
-  `CLOUD_STORAGE_EMULATOR_ENDPOINT`.
+- array_record (TFDS's ArrayRecord reader and the `arrayrecord` source's, through
+  google-cloud-cpp) does not: it reads `CLOUD_STORAGE_EMULATOR_ENDPOINT`. Its writer opens local
+  files only, so `memjax.data.prepare` refuses a gs:// output.
 
 Each is pointed at the same emulator, so every path of a default run is tested against it and
 none needs another fsspec filesystem (epath would refuse one such as memory:// anyway). Only the
@@ -24,6 +28,8 @@ It ignores write preconditions, which one writer per object never needs.
 """
 
 import base64
+import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -32,10 +38,12 @@ import subprocess
 import sys
 from http import HTTPStatus
 
+import numpy as np
 import pytest
 
 from memjax import data, paths
 from memjax.config import ConfigError
+from memjax.data import prepare
 from memjax.training import inputs, metrics
 
 from support.training import SMOKE
@@ -129,6 +137,47 @@ def _local_gs_folders(*roots: pathlib.Path) -> list[str]:
       for name in dirs + files
       if name.startswith("gs:")
   ]
+
+
+def _python(code: str, emulator: str, tmp: pathlib.Path) -> str:
+  """Runs `code` in a subprocess on the emulator, able to import this module, with memjax's cache
+  (the files source's indexes) in `tmp`/cache."""
+  prelude = (
+      f"import os, sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+      f"os.environ['MEMJAX_CACHE_DIR'] = {str(tmp / 'cache')!r}\n"
+  )
+  return _run(["-c", prelude + code], emulator, tmp, tmp)
+
+
+def _upload(gcs, local: pathlib.Path, prefix: str) -> None:
+  """The files under folder `local` to gs://BUCKET/`prefix`/, at the same relative paths."""
+  for path in sorted(local.rglob("*")):
+    if path.is_file():
+      gcs.put_file(str(path), f"{BUCKET}/{prefix}/{path.relative_to(local).as_posix()}")
+
+
+def _batches(source, n: int = 6, resume_after: int = 2) -> np.ndarray:
+  """`n` byte-token batches of `source`, then its batches `resume_after`.. again from an iterator
+  restored to the state a checkpoint stores after `resume_after` batches."""
+  tokenizer = data.make_tokenizer("bytes")
+  make = lambda: data.make_batches(  # noqa: E731
+      source, tokenizer, batch_size=4, seq_len=32, seed=3, prefetch=0
+  )
+  with contextlib.closing(make()) as it:
+    out = list(itertools.islice(it, n))
+  with contextlib.closing(make()) as it:
+    for _ in range(resume_after):
+      next(it)
+    state = json.loads(json.dumps(it.get_state()))
+  with contextlib.closing(make()) as it:
+    it.set_state(state)
+    out += list(itertools.islice(it, n - resume_after))
+  return np.stack(out)
+
+
+def _write_jsonl(path: pathlib.Path, texts) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
 
 
 def _logged(gcs, key: str) -> dict[int, float]:
@@ -261,3 +310,132 @@ def test_tokenizer_files_are_read_from_gcs(emulator, gcs, tmp_path):
   )
   out = _run(["-c", code], emulator, tmp_path, tmp_path)
   assert out.splitlines()[-1] == "258 hi"
+
+
+@pytest.mark.slow
+def test_the_files_source_reads_jsonl_on_gcs_as_the_same_files_locally_and_caches_the_index(
+    emulator, gcs, tmp_path, monkeypatch
+):
+  monkeypatch.setenv("MEMJAX_CACHE_DIR", str(tmp_path / "local-cache"))  # this process's
+  local = tmp_path / "corpus"
+  texts = [f"document {i}: Grüße aus Köln. " * (i % 4) for i in range(30)]
+  _write_jsonl(local / "a.jsonl", texts)
+  _write_jsonl(local / "b.jsonl", ["bbb", "ccc"])
+  (local / "notes.txt").write_text("not matched")
+  _upload(gcs, local, "corpus")
+  code = (
+      "import numpy as np; from memjax import data; from memjax.data import sources; "
+      "from test_gcs import _batches\n"
+      "indexed = []; index = sources._index_file\n"
+      "sources._index_file = lambda path, key: indexed.append(path) or index(path, key)\n"
+      f"np.save({str(tmp_path / 'gcs.npy')!r}, _batches(data.file_source("
+      f"'gs://{BUCKET}/corpus/*.jsonl')))\n"
+      "print(indexed)"
+  )
+  out = _python(code, emulator, tmp_path)
+  assert out.splitlines()[-1] == str([f"gs://{BUCKET}/corpus/{n}.jsonl" for n in "ab"])
+  expected = _batches(data.file_source(str(local / "*.jsonl")))
+  np.testing.assert_array_equal(np.load(tmp_path / "gcs.npy"), expected)
+
+  # A rewrite of the same size within the same second (which epath's whole-second mtime would
+  # miss) is a new generation: only that file is indexed again.
+  _write_jsonl(local / "b.jsonl", ["BBB", "ccc"])
+  gcs.put_file(str(local / "b.jsonl"), f"{BUCKET}/corpus/b.jsonl")
+  out = _python(code, emulator, tmp_path)
+  assert out.splitlines()[-1] == str([f"gs://{BUCKET}/corpus/b.jsonl"])
+  expected = _batches(data.file_source(str(local / "*.jsonl")))
+  np.testing.assert_array_equal(np.load(tmp_path / "gcs.npy"), expected)
+  assert len(list((tmp_path / "cache" / "file_index").iterdir())) == 3
+  assert not _local_gs_folders(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_lingua_root_dir_on_gcs_reads_as_the_same_folders_locally(
+    emulator, gcs, tmp_path, monkeypatch
+):
+  monkeypatch.setenv("MEMJAX_CACHE_DIR", str(tmp_path / "local-cache"))
+  local = tmp_path / "lingua"
+  for name, n_chunks in (("arxiv", 2), ("wiki", 3)):
+    for k in range(n_chunks):
+      texts = [f"{name} chunk {k} document {i}" for i in range(9)]
+      _write_jsonl(local / name / f"{name}.chunk.{k:02d}.jsonl", texts)
+    (local / name / "README").write_text("not a chunk")
+  _upload(gcs, local, "lingua")
+  weights = {"arxiv": 2.0, "wiki": 1.0}
+  code = (
+      "import numpy as np; from memjax import data; from memjax.config import ConfigError; "
+      "from test_gcs import _batches\n"
+      f"source = data.lingua_source('gs://{BUCKET}/lingua', {weights!r})\n"
+      f"np.save({str(tmp_path / 'gcs.npy')!r}, _batches(source))\n"
+      "print(source)\n"
+      "try:\n"
+      f"  data.lingua_source('gs://{BUCKET}/lingua', {{'books': 1.0}})\n"
+      "except ConfigError as e:\n"
+      "  print(e)"
+  )
+  out = _python(code, emulator, tmp_path)
+  assert out.splitlines()[-2:] == [
+      "Mixture(arxiv 2 (18 documents), wiki 1 (27 documents))",
+      f"data.sources.books: no chunk files (*.chunk.*.jsonl) in gs://{BUCKET}/lingua/books",
+  ]
+  expected = _batches(data.lingua_source(str(local), weights))
+  np.testing.assert_array_equal(np.load(tmp_path / "gcs.npy"), expected)
+  assert not _local_gs_folders(tmp_path)
+
+
+@pytest.mark.slow
+def test_inputs_on_gcs_prepare_as_local_ones_and_shards_copied_to_gcs_read_as_local_ones(
+    emulator, gcs, tmp_path
+):
+  local = tmp_path / "corpus"
+  _write_jsonl(local / "a.jsonl", [f"document {i}: café 東京. " * (i % 5) for i in range(40)])
+  _write_jsonl(local / "b.jsonl", ["last"])
+  _upload(gcs, local, "to-prepare")
+  settings = {"processes": 1, "shard_bytes": int(0.001 * (1 << 20)), "progress": False}
+  prepare.prepare([str(local / "*.jsonl")], tmp_path / "from-local", **settings)
+  _upload(gcs, tmp_path / "from-local", "prepared")
+  code = (
+      "import numpy as np; from memjax import data; from memjax.data import prepare; "
+      "from test_gcs import _batches\n"
+      f"prepare.main(['gs://{BUCKET}/to-prepare/*.jsonl', '--output', "
+      f"{str(tmp_path / 'from-gcs')!r}, '--processes=2', '--shard-mb=0.001', '--quiet'])\n"
+      f"source = data.arrayrecord_source('gs://{BUCKET}/prepared', data.make_tokenizer('bytes'))\n"
+      f"np.save({str(tmp_path / 'gcs.npy')!r}, _batches(source))"
+  )
+  out = _python(code, emulator, tmp_path)
+  assert "prepared 41 documents" in out, out[-2000:]
+  shards = sorted((tmp_path / "from-local").glob("*.array_record"))
+  assert len(shards) > 2
+  for shard in shards:  # the same bytes from the same documents, wherever they were read
+    assert (tmp_path / "from-gcs" / shard.name).read_bytes() == shard.read_bytes()
+  plan = json.loads((tmp_path / "from-gcs" / prepare.PLAN_FILE).read_text())
+  assert [p for p, _, _ in plan["inputs"]] == [f"gs://{BUCKET}/to-prepare/{n}.jsonl" for n in "ab"]
+  local_source = data.arrayrecord_source(str(tmp_path / "from-local"), data.make_tokenizer("bytes"))
+  np.testing.assert_array_equal(np.load(tmp_path / "gcs.npy"), _batches(local_source))
+  assert not _local_gs_folders(tmp_path)
+
+
+def test_prepared_shards_are_not_written_to_a_bucket_and_the_error_names_output(tmp_path):
+  (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+  with pytest.raises(ValueError, match="--output: gs://bucket/prepared: ArrayRecord writes local"):
+    prepare.prepare([str(tmp_path / "a.jsonl")], "gs://bucket/prepared", progress=False)
+  assert not _local_gs_folders(tmp_path, pathlib.Path.cwd())
+
+
+@pytest.mark.slow
+def test_a_consolidated_checkpoint_is_exported_to_and_loaded_from_gcs(emulator, gcs, tmp_path):
+  pytest.importorskip("torch")
+  code = (
+      "from memjax.interop import torch_checkpoint as tc\n"
+      "from test_interop import assert_same_params, make_config, make_model\n"
+      "cfg = make_config(); model = make_model(cfg)\n"
+      f"tc.export_consolidated(model, cfg, 'gs://{BUCKET}/consolidated')\n"
+      f"cfg2, model2 = tc.load_consolidated('gs://{BUCKET}/consolidated')\n"
+      "assert_same_params(model, model2)\n"
+      "print(cfg2.model == cfg.model)"
+  )
+  assert _python(code, emulator, tmp_path).splitlines()[-1] == "True"
+  assert sorted(p.rsplit("/", 1)[1] for p in gcs.ls(f"{BUCKET}/consolidated")) == [
+      "consolidated.pth", "params.json"
+  ]
+  assert not _local_gs_folders(tmp_path)

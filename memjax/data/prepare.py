@@ -3,26 +3,30 @@
     python -m memjax.data.prepare INPUT... --output DIR [--processes N] [--shard-mb MB]
         [config=NAME_OR_PATH] [data.tokenizer=KIND] [data.tokenizer_path=FILE] [data.text_key=KEY]
 
-INPUT is a file, a glob or a directory. A directory means its Lingua chunk files
-(`*.chunk.*.jsonl`, any depth) if it has some, else its `*.jsonl` and `*.txt` files. As for
-`data.source=files`, a `.jsonl` file holds one document per line (a JSON object with the text
-under `data.text_key`; blank lines are skipped) and any other file is one UTF-8 document. The
-tokenizer and text key are the run's: `data.*` of the config (default `tiny`) and overrides, as
-train.py reads them.
+INPUT is a file, a glob or a directory, local or on an object store (gs://bucket/corpus/*.jsonl).
+A directory means its Lingua chunk files (`*.chunk.*.jsonl`, any depth) if it has some, else its
+`*.jsonl` and `*.txt` files. As for `data.source=files`, a `.jsonl` file holds one document per
+line (a JSON object with the text under `data.text_key`; blank lines are skipped) and any other
+file is one UTF-8 document. The tokenizer and text key are the run's: `data.*` of the config
+(default `tiny`) and overrides, as train.py reads them.
 
 DIR receives `shard-00000-of-000NN.array_record` files (one record per document: its token ids,
 without BOS or EOS, little-endian uint16 when the vocabulary fits, else int32) and
 `metadata.json` (tokenizer, dtype, counts, shards), which `arrayrecord_source` reads to check
-that a run's tokenizer is the one the shards were made with.
+that a run's tokenizer is the one the shards were made with. DIR is local: ArrayRecord's writer
+opens local files only (its reader also reads gs://), so for a run on GCS prepare into a local
+directory, copy it whole (`gcloud storage cp -r DIR gs://bucket/prepared`) and train with
+`data.path=gs://bucket/prepared`. A gs:// DIR is refused.
 
 Plan. The inputs are cut into shards of about `--shard-mb` MB of input each: a JSONL file at
 line boundaries, a text file whole (small files share a shard). A shard is one task of a
 process pool and depends only on its input bytes, so any process count writes the same files.
 
-Resuming. `DIR/prepare_plan.json` records the plan (inputs with sizes and mtimes, tokenizer,
-shards); a shard's line is appended to `DIR/prepare_progress.jsonl` once its file is complete.
-A rerun with the same plan skips those shards and rewrites any other (a partial one included);
-a different plan (changed inputs or settings) is refused. `metadata.json` is written last.
+Resuming. `DIR/prepare_plan.json` records the plan (inputs with sizes and mtimes, or GCS
+generations; tokenizer; shards); a shard's line is appended to `DIR/prepare_progress.jsonl` once
+its file is complete. A rerun with the same plan skips those shards and rewrites any other (a
+partial one included); a different plan (changed inputs or settings) is refused. `metadata.json`
+is written last.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ import os
 import pathlib
 import sys
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 
 from memjax.config import ConfigError
 from memjax.data.sources import (
@@ -52,6 +57,7 @@ from memjax.data.sources import (
     tokenizer_identity,
 )
 from memjax.data.tokenizers import ByteTokenizer, Tokenizer, make_tokenizer
+from memjax.paths import FileVersion, glob_files, is_remote, open_binary, read_range
 
 PLAN_FILE = "prepare_plan.json"
 PROGRESS_FILE = "prepare_progress.jsonl"
@@ -60,43 +66,43 @@ PROGRESS_FILE = "prepare_progress.jsonl"
 WRITER_OPTIONS = "group_size:1,zstd:1"
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-  """The files of `inputs` (files, globs, directories), each input's sorted, without repeats."""
-  paths: dict[str, None] = {}
+def expand_inputs(inputs: Sequence[str]) -> dict[str, FileVersion]:
+  """The files of `inputs` (files, globs, directories) and their versions, each input's sorted,
+  without repeats."""
+  files: dict[str, FileVersion] = {}
   for item in inputs:
-    if os.path.isdir(item):
-      found = glob.glob(os.path.join(glob.escape(item), "**", CHUNK_GLOB), recursive=True)
+    if epath.Path(item).is_dir():
+      found = glob_files(os.path.join(glob.escape(item), "**", CHUNK_GLOB))
       if not found:
-        found = [
-            p for ext in ("jsonl", "txt")
-            for p in glob.glob(os.path.join(glob.escape(item), "**", f"*.{ext}"), recursive=True)
-        ]
+        for ext in ("jsonl", "txt"):
+          found |= glob_files(os.path.join(glob.escape(item), "**", f"*.{ext}"))
     else:
-      found = glob.glob(item, recursive=True)
-    found = sorted(p for p in found if os.path.isfile(p))
+      found = glob_files(item)
     if not found:
       raise FileNotFoundError(f"input {item!r}: no such file, or no file in it or matching it")
-    paths.update(dict.fromkeys(found))
-  return list(paths)
+    for path in sorted(found):
+      files.setdefault(path, found[path])
+  return files
 
 
 def _line_end_after(path: str, offset: int, size: int) -> int:
   """The position just past the first newline at or after `offset` (the file's size if none)."""
-  with open(path, "rb") as f:
-    f.seek(offset)
-    while offset < size:
-      block = f.read(1 << 16)
-      if (found := block.find(b"\n")) >= 0:
-        return offset + found + 1
-      offset += len(block)
+  while offset < size:
+    # Small ranged reads: on GCS a buffered file would fetch 16 MB to find one newline.
+    block = read_range(path, offset, min(offset + (1 << 16), size))
+    if (found := block.find(b"\n")) >= 0:
+      return offset + found + 1
+    offset += len(block)
   return size
 
 
-def plan_shards(paths: Sequence[str], shard_bytes: int) -> list[list[tuple[int, int, int]]]:
+def plan_shards(
+    files: Mapping[str, FileVersion], shard_bytes: int
+) -> list[list[tuple[int, int, int]]]:
   """Shards as lists of pieces (input index, start byte, stop byte), about `shard_bytes` each."""
   shards, current, current_bytes = [], [], 0
-  for i, path in enumerate(paths):
-    size = os.path.getsize(path)
+  for i, (path, version) in enumerate(files.items()):
+    size = version.size
     start = 0
     while start < size:
       want = shard_bytes - current_bytes
@@ -141,7 +147,7 @@ def _token_bytes(tokenizer: Tokenizer, text: str, dtype: np.dtype) -> tuple[byte
 def _line_number(path: str, offset: int) -> int:
   """The 1-based number of the line that starts at byte `offset`."""
   count, done = 1, 0
-  with open(path, "rb") as f:
+  with open_binary(path) as f:
     while done < offset:
       block = f.read(min(1 << 24, offset - done))
       count, done = count + block.count(b"\n"), done + len(block)
@@ -150,9 +156,7 @@ def _line_number(path: str, offset: int) -> int:
 
 def _documents(path: str, start: int, stop: int, text_key: str):
   """The texts of a piece of an input file, checked as `file_source` checks them."""
-  with open(path, "rb") as f:
-    f.seek(start)
-    data = f.read(stop - start)
+  data = read_range(path, start, stop)
   if not path.endswith(".jsonl"):
     text = check_text(data, path)
     if text.strip():  # a blank file holds no document
@@ -254,15 +258,24 @@ def prepare(
   processes = processes or os.cpu_count() or 1
   if processes < 1:
     raise ValueError(f"--processes: must be >= 1, got {processes}")
-  paths = expand_inputs(inputs)
-  if not sum(os.path.getsize(p) for p in paths):
+  if is_remote(output):
+    raise ValueError(
+        f"--output: {output}: ArrayRecord writes local files only; prepare into a local directory "
+        f"and copy it there (gcloud storage cp -r DIR {output}), then train with "
+        f"data.path={output}"
+    )
+  files = expand_inputs(inputs)
+  if not sum(v.size for v in files.values()):
     raise DataError(f"the inputs {', '.join(map(repr, inputs))} are empty")
   tok = make_tokenizer(tokenizer, tokenizer_path)
   dtype = "uint16" if tok.vocab_size <= 1 << 16 else "int32"
-  shards = plan_shards(paths, shard_bytes)
+  shards = plan_shards(files, shard_bytes)
+  paths = list(files)
   plan = {
       "format": PREPARED_FORMAT,
-      "inputs": [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths],
+      "inputs": [
+          [p if is_remote(p) else os.path.abspath(p), v.size, v.stamp] for p, v in files.items()
+      ],
       "tokenizer": tokenizer_identity(tok, tokenizer_path),
       "text_key": text_key,
       "dtype": dtype,

@@ -3,16 +3,19 @@
 - `tfds_source`: one text feature of a prepared TFDS dataset, read through its random-access
   data source (what `tfds.data_source` returns: ArrayRecord; local or gs:// data_dir; no
   TensorFlow).
-- `file_source`: local files matching a glob; a `.jsonl` file holds one document per line (a JSON
-  object with the text under `text_key`), any other file is one UTF-8 document. Each file is
-  checked and indexed (the byte span of every document) once per version: the index is cached
-  under memjax's cache directory, keyed by the file's path, size and mtime, so a restart reads
-  the index and parses a line only when the pipeline reads its document.
+- `file_source`: files matching a glob, local or on an object store (gs://bucket/corpus/*.jsonl);
+  a `.jsonl` file holds one document per line (a JSON object with the text under `text_key`),
+  any other file is one UTF-8 document. Each file is checked and indexed (the byte span of every
+  document) once per version: the index is cached under memjax's (local) cache directory, keyed
+  by the file's path or URI, size and version stamp (mtime; GCS's generation), so a restart reads
+  the index and reads a document's bytes, one ranged read, only when the pipeline reads it.
 - `arrayrecord_source`: a directory of tokenized ArrayRecord shards written by
-  `python -m memjax.data.prepare`; its documents are token ids (read by record, no parsing or
-  tokenizing), made by the tokenizer the run names (checked).
-- `lingua_source`: Lingua's layout, `root_dir/<name>/*.chunk.*.jsonl` for each named source, as a
-  `Mixture` that the pipeline draws from in proportion to the sources' weights.
+  `python -m memjax.data.prepare` (local, or copied to gs://: ArrayRecord reads it through its own
+  GCS client); its documents are token ids (read by record, no parsing or tokenizing), made by
+  the tokenizer the run names (checked).
+- `lingua_source`: Lingua's layout, `root_dir/<name>/*.chunk.*.jsonl` for each named source (local
+  or on an object store), as a `Mixture` that the pipeline draws from in proportion to the
+  sources' weights.
 - `split_heldout`: the last documents of a source, held out for the eval loss.
 
 Bad data fails when the source is made, with a `DataError` that names the file and position.
@@ -37,6 +40,7 @@ from etils import epath
 from memjax.cache import cache_dir
 from memjax.config import ConfigError
 from memjax.data.tokenizers import Tokenizer
+from memjax.paths import FileVersion, file_version, glob_files, is_remote, open_binary, read_range
 
 
 class DataError(ValueError):
@@ -101,7 +105,7 @@ def tfds_source(
 
 
 class FileDocuments:
-  """Documents in local files, indexed by (file, byte span); read from disk on access."""
+  """Documents in files, indexed by (file, byte span); read on access (one ranged read)."""
 
   def __init__(self, paths: Sequence[str], spans: Sequence[np.ndarray], text_key: str):
     self._paths, self._spans, self._text_key = list(paths), list(spans), text_key
@@ -117,9 +121,7 @@ class FileDocuments:
     i = int(np.searchsorted(self._ends, index, side="right"))
     path = self._paths[i]
     start, stop = self._spans[i][index - (int(self._ends[i - 1]) if i else 0)]
-    with open(path, "rb") as f:
-      f.seek(start)
-      data = f.read(stop - start).decode("utf-8")  # validated when indexed
+    data = read_range(path, int(start), int(stop)).decode("utf-8")  # validated when indexed
     return json.loads(data)[self._text_key] if path.endswith(".jsonl") else data
 
   def __repr__(self) -> str:
@@ -129,7 +131,7 @@ class FileDocuments:
 def _index_jsonl(path: str, text_key: str) -> list[tuple[int, int]]:
   """The byte spans of the file's records, each checked: UTF-8, a JSON object with a str text."""
   spans, offset = [], 0
-  with open(path, "rb") as f:
+  with open_binary(path) as f:
     for line_no, line in enumerate(f, 1):
       start, offset = offset, offset + len(line)
       if not line.strip():
@@ -171,32 +173,32 @@ def _index_file(path: str, text_key: str) -> np.ndarray:
   if path.endswith(".jsonl"):
     spans = _index_jsonl(path, text_key)
   else:
-    data = pathlib.Path(path).read_bytes()
+    data = epath.Path(path).read_bytes()
     check_text(data, path)
     spans = [(0, len(data))] if data.strip() else []  # a blank file holds no document
   return np.array(spans, dtype=np.int64).reshape(-1, 2)
 
 
-def _index_cache_path(path: str, stat: os.stat_result, text_key: str) -> pathlib.Path:
+def _index_cache_path(path: str, version: FileVersion, text_key: str) -> pathlib.Path:
   # The text key matters only to JSONL files, whose records it validates.
   jsonl_key = path.endswith(".jsonl") and text_key
-  key = [os.path.realpath(path), stat.st_size, stat.st_mtime_ns, jsonl_key]
+  where = path if is_remote(path) else os.path.realpath(path)
+  key = [where, version.size, version.stamp, jsonl_key]
   digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
   return cache_dir("file_index", f"{digest}.npy")
 
 
-def _cached_index(path: str, text_key: str) -> np.ndarray:
-  """`_index_file`, read from the cache when the file is unchanged since it was indexed."""
-  before = os.stat(path)
+def _cached_index(path: str, before: FileVersion, text_key: str) -> np.ndarray:
+  """`_index_file`, read from the cache when the file is unchanged since it was indexed;
+  `before` is the file's version when it was listed."""
   cached = _index_cache_path(path, before, text_key)
   try:
     return np.load(cached)
   except (OSError, ValueError):
     pass  # not indexed yet, or an unreadable entry: index again
   spans = _index_file(path, text_key)
-  after = os.stat(path)
   # A file written while being indexed is indexed again next time (reading it may change atime).
-  if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
+  if file_version(path) == before:
     try:
       cached.parent.mkdir(parents=True, exist_ok=True)
       with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".tmp", delete=False) as f:
@@ -208,15 +210,22 @@ def _cached_index(path: str, text_key: str) -> np.ndarray:
 
 
 def file_source(patterns: str | Sequence[str], text_key: str = "text") -> FileDocuments:
-  """The documents of the files matching `patterns` (globs, `**` recursive), in path order."""
+  """The documents of the files matching `patterns` (globs, `**` recursive; local or URIs such as
+  gs://bucket/corpus/*.jsonl), in path order."""
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-  matches = {p for pattern in patterns for p in glob.glob(pattern, recursive=True)}
-  paths = sorted(p for p in matches if pathlib.Path(p).is_file())
-  if not paths:
+  files = {p: v for pattern in patterns for p, v in glob_files(pattern).items()}
+  if not files:
     raise FileNotFoundError(f"data.path: no file matches {', '.join(map(repr, patterns))}")
-  spans = [_cached_index(path, text_key) for path in paths]
+  what = f"data.path: the files matching {', '.join(map(repr, patterns))}"
+  return _file_documents(files, text_key, what)
+
+
+def _file_documents(files: Mapping[str, FileVersion], text_key: str, what: str) -> FileDocuments:
+  """The documents of `files` (listed with their versions), in path order; `what` names them."""
+  paths = sorted(files)
+  spans = [_cached_index(path, files[path], text_key) for path in paths]
   if not sum(len(s) for s in spans):
-    raise DataError(f"data.path: the files matching {', '.join(map(repr, patterns))} are empty")
+    raise DataError(f"{what} are empty")
   return FileDocuments(paths, spans, text_key)
 
 
@@ -336,24 +345,25 @@ CHUNK_GLOB = "*.chunk.*.jsonl"
 
 
 def lingua_source(root_dir: str, sources: Mapping[str, float], text_key: str = "text") -> Mixture:
-  """The documents of Lingua's `root_dir/<name>/*.chunk.*.jsonl`, for each name of `sources`.
+  """The documents of Lingua's `root_dir/<name>/*.chunk.*.jsonl`, for each name of `sources`
+  (`root_dir` local, or a URI such as gs://bucket/lingua).
 
   Every chunk file of a source is read (Lingua gives each rank its own files; here the pipeline's
   shards split every source's documents instead, so any shard count works).
   """
-  root = pathlib.Path(root_dir)
+  root = epath.Path(root_dir)
   if not root.is_dir():
     raise ConfigError("data.root_dir", f"no such directory: {root_dir}")
   parts = {}
   for name, weight in sources.items():
     if not weight > 0:
       raise ConfigError(f"data.sources.{name}", f"must be a weight > 0, got {weight}")
-    chunks = sorted(root.joinpath(name).glob(CHUNK_GLOB))
+    folder = os.fspath(root / name)
+    chunks = glob_files(f"{glob.escape(folder)}/{CHUNK_GLOB}")
     if not chunks:
-      raise ConfigError(
-          f"data.sources.{name}", f"no chunk files ({CHUNK_GLOB}) in {root.joinpath(name)}"
-      )
-    parts[name] = file_source([glob.escape(str(p)) for p in chunks], text_key)
+      raise ConfigError(f"data.sources.{name}", f"no chunk files ({CHUNK_GLOB}) in {folder}")
+    what = f"data.sources.{name}: the chunk files in {folder}"
+    parts[name] = _file_documents(chunks, text_key, what)
   return Mixture(parts, sources)
 
 

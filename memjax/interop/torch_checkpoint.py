@@ -11,6 +11,7 @@ PyTorch is imported lazily: `pip install memjax[torch]`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -19,8 +20,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
-from memjax import config_loading
+from memjax import config_loading, paths
 from memjax.config import Config, ConfigError, ModelConfig, from_dict
 from memjax.interop import lingua
 from memjax.layers.memory import ProductKeyMemory
@@ -190,8 +192,9 @@ def load_consolidated(
   """A reference consolidated checkpoint as a memjax config and model.
 
   Args:
-    path: the `consolidated/` folder, or its `consolidated.pth`; `params.json` lies beside it
-      (the whole Lingua TrainArgs, mapped by `memjax.interop.lingua.to_memjax`).
+    path: the `consolidated/` folder, or its `consolidated.pth`, local or a URI (gs://...);
+      `params.json` lies beside it (the whole Lingua TrainArgs, mapped by
+      `memjax.interop.lingua.to_memjax`).
     overrides: dotted `key=value`s merged into the mapped memjax config, e.g.
       "model.memory.value_dtype=float32" (Lingua's format keeps the table in bfloat16).
 
@@ -205,7 +208,7 @@ def load_consolidated(
     CheckpointError: a missing, unexpected or misshapen key, or differing copies of a shared table.
   """
   torch = _torch()
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   ckpt = path / CHECKPOINT_NAME if path.is_dir() else path
   params = ckpt.parent / PARAMS_NAME
   for f in (ckpt, params):
@@ -218,7 +221,10 @@ def load_consolidated(
     raise ConfigError(e.field, f"{e.detail} (in {params})") from None
   cfg = from_dict(Config, config_loading.merge_overrides(data, overrides))
 
-  checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+  if paths.is_remote(ckpt):  # torch maps local files only: read whole into memory
+    checkpoint = torch.load(io.BytesIO(ckpt.read_bytes()), map_location="cpu", weights_only=True)
+  else:
+    checkpoint = torch.load(os.fspath(ckpt), map_location="cpu", weights_only=True, mmap=True)
   state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
   if not isinstance(state_dict, dict):
     raise CheckpointError(f"{ckpt}: expected a state dict or {{'model': state_dict}}")
@@ -251,8 +257,9 @@ def _to_torch(array: jax.Array, kind: str):
 
 def export_consolidated(
     model: Transformer, cfg: Config, out_dir: str | os.PathLike, *, overwrite: bool = False
-) -> pathlib.Path:
-  """Writes `model` as a reference consolidated checkpoint; returns `out_dir`.
+) -> pathlib.Path | epath.Path:
+  """Writes `model` as a reference consolidated checkpoint; returns `out_dir` (local, or a URI such
+  as gs://bucket/consolidated).
 
   `out_dir/consolidated.pth` holds {"model": state_dict} with the reference's names and layouts,
   each tensor in its parameter's dtype; a shared table is stored once, under the first memory
@@ -269,11 +276,18 @@ def export_consolidated(
   if cfg.model != model.cfg:
     raise ValueError("cfg.model differs from the config the model was built from (model.cfg)")
   params = lingua.from_memjax(cfg)
-  out = pathlib.Path(out_dir)
+  out = epath.Path(out_dir) if paths.is_remote(out_dir) else pathlib.Path(out_dir)
   if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
     raise FileExistsError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
   layout = torch_layout(model)
   state_dict = {key: _to_torch(var.get_value(), kind) for key, (var, kind) in layout.items()}
+  if paths.is_remote(out):
+    # An object is replaced only once whole: each file is serialised, then written in one go.
+    checkpoint = io.BytesIO()
+    torch.save({"model": state_dict}, checkpoint)
+    (out / CHECKPOINT_NAME).write_bytes(checkpoint.getvalue())
+    (out / PARAMS_NAME).write_text(json.dumps(params, indent=2))
+    return out
   out.mkdir(parents=True, exist_ok=True)
   # Both files are written beside and then renamed: a failed export replaces nothing.
   tmp = {name: out / f".{name}.tmp" for name in (CHECKPOINT_NAME, PARAMS_NAME)}

@@ -78,6 +78,20 @@ def test_the_step_skips_non_finite_updates_and_counts_them(data_dir):
   assert bool(metrics["finite"]) and int(healthy.bad_steps) == 0
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["dense_grads", "row_grads"])
+def test_a_step_with_dropout_advances_the_rng_counts_and_draws_new_masks(data_dir, rows):
+  cfg = smoke_config(data_dir, "model.memory.input_dropout=0.2", "model.memory.value_dropout=0.2")
+  state = state_lib.create_state(cfg, sharding.make_mesh(cfg.mesh))
+  step = jax.jit(step_lib.make_train_step(
+      cfg, state_lib.model_graphdef(cfg), optim.make_optimizer(cfg), lambda s: 0.0, rows))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (8, 33)), jnp.int32)
+  draws = lambda s: sum(int(c) for c in jax.tree.leaves(s.other) if c.dtype == jnp.uint32)
+  first, m1 = step(state, tokens)
+  second, m2 = step(first, tokens)  # a zero learning rate: the same parameters, new masks
+  assert draws(first) > draws(state)
+  assert bool(m1["finite"]) and float(m1["loss"]) != float(m2["loss"])
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir):
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 258, (8, 33)), jnp.int32)
   results = []

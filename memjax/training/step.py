@@ -33,7 +33,9 @@ from memjax.training.state import TrainState
 def _loss(graphdef, params, other, tokens_BT, balance_coef: float = 0.0):
   """The training loss: cross-entropy plus `balance_coef` times the MoE layers' balance loss
   (0 without MoE layers). Aux: (other state, cross-entropy, balance loss)."""
-  model = nnx.merge(graphdef, params, other)
+  # A copy: merge would otherwise reuse the state's Variables, made outside this trace, and
+  # dropout's RNG counts could not be advanced in it.
+  model = nnx.merge(graphdef, params, other, copy=True)
   inputs_BT = tokens_BT[:, :-1]
   if balance_coef:  # only MoE models record anything the loss needs
     view = nnx.view(model, record_balance_loss=True, raise_if_not_found=False)
@@ -81,7 +83,7 @@ def _row_grad_fn(graphdef: nnx.GraphDef, balance_coef: float) -> Callable:
   `RowGrads`, one per memory layer that reads it."""
 
   def rows_view(params, other):
-    model = nnx.view(nnx.merge(graphdef, params, other), only=ProductKeyMemory,
+    model = nnx.view(nnx.merge(graphdef, params, other, copy=True), only=ProductKeyMemory,
                      sparse_table_grad=True)
     return nnx.view(model, record_balance_loss=bool(balance_coef), raise_if_not_found=False)
 

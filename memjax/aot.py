@@ -424,7 +424,8 @@ def _command(changes: dict[str, object]) -> str:
 
 def advise(f: dict) -> list[tuple[str, str]]:
   """Changes that shrink the step: meshes (with the exact parameter and optimizer-state bytes per
-  device they give), the moments' dtype, the micro-batch and the sequence length."""
+  device they give), the moments' dtype, recomputing activations when the temporaries outweigh
+  the state, the micro-batch and the sequence length."""
   from jax.experimental import topologies
 
   cfg, n = f["config"], f["devices"]
@@ -481,6 +482,17 @@ def advise(f: dict) -> list[tuple[str, str]]:
   if cfg.optim.state_dtype == "float32":
     changes.append(("optim.state_dtype=bfloat16", f"Adam moments in bfloat16: optimizer state "
                     f"{_gib(f['opt_state_bytes'])} -> {_gib(f['opt_state_bytes'] / 2)}"))
+  if f["temp_bytes"] > state_now:  # activations dominate: recompute them in the backward
+    recomputes = {
+        "none": "",
+        "attention": "the backward recomputes attention's (B, H, T, T) probabilities from the "
+                     "kept queries, keys and values instead of keeping them: about one more "
+                     "QK^T matmul a block",
+        "block": "the backward recomputes each block from its input, keeping only that: the "
+                 "least memory, for a second forward (about a third more FLOPs)",
+    }
+    more = list(recomputes)[list(recomputes).index(cfg.model.remat) + 1:]
+    changes += [(f"model.remat={name}", recomputes[name]) for name in more]
   train = cfg.train
   micro = train.batch_size // train.grad_accum
   if micro > n and train.batch_size % (2 * train.grad_accum * n) == 0:

@@ -20,6 +20,7 @@ InitStdFactor = Literal["disabled", "current_depth", "global_depth", "dim_ratio"
 # "auto" or an entry of the one table of lookup impls.
 BagImpl = Literal["auto", *impls.NAMES]
 MoEImpl = Literal["auto", "ragged", "blocked"]
+Remat = Literal["none", "attention", "block"]
 Scheduler = Literal["linear", "cosine"]
 TableUpdate = Literal["dense", "sparse"]
 DataSource = Literal["knowledge", "tfds", "files", "lingua", "arrayrecord"]
@@ -177,6 +178,10 @@ class ModelConfig:
   init_std_factor: InitStdFactor = "disabled"
   param_dtype: DType = "float32"
   dtype: DType = "float32"  # compute dtype; norms, softmaxes and the loss run in float32
+  # What the backward recomputes instead of keeping from the forward (memjax.model): none; the
+  # attention probabilities (B, H, T, T) from the kept queries, keys and values; or each block
+  # whole from its input (its forward runs twice)
+  remat: Remat = "none"
   memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
   peer: PEERConfig = dataclasses.field(default_factory=PEERConfig)
@@ -270,17 +275,17 @@ class MeshConfig:
 class DataConfig:
   """Where the tokens come from (`memjax.data`): source -> tokenizer -> packed batches."""
 
-  source: DataSource = "knowledge"  # the embedded factual corpus, a TFDS dataset, or local files
+  source: DataSource = "knowledge"  # the embedded factual corpus, a TFDS dataset, or files
   people: int = 2000  # size of the knowledge corpus (fictional people, six facts each)
   name: str = ""  # TFDS dataset name, e.g. "my_dataset:1.0.0" (source=tfds)
   split: str = "train"
   eval_split: str = ""  # held-out TFDS split for eval loss; "" = no eval loss (source=tfds)
   data_dir: str = ""  # TFDS data_dir, local or gs://; "" = TFDS's default (memjax's cache for knowledge)
-  path: str = ""  # glob of text or JSONL files (source=files); prepared directory (arrayrecord)
+  path: str = ""  # glob of text or JSONL files (files); prepared directory (arrayrecord); or gs://
   eval_path: str = ""  # held-out files or prepared directory, as `path`; "" = no eval loss
   text_key: str = "text"  # the text feature of TFDS examples and JSONL records
   # Lingua's layout (source=lingua): root_dir/<name>/*.chunk.*.jsonl per source, drawn by weight.
-  root_dir: str = ""
+  root_dir: str = ""  # local or gs://
   sources: dict[str, float] = dataclasses.field(default_factory=dict)  # source folder -> weight
   add_bos: bool = True  # frame every document as BOS doc EOS (the reference's defaults)
   add_eos: bool = True

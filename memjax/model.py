@@ -56,6 +56,7 @@ class Block(nnx.Module):
         cfg.dim, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim,
         init_std=(base_std or cfg.dim**-0.5) / factor,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        recompute_probs=cfg.remat == "attention",
     )
     if depth in cfg.memory.layers:
       self.feed_forward = ProductKeyMemory(cfg, values=values, rngs=rngs)
@@ -91,6 +92,14 @@ class Block(nnx.Module):
     )
     h_BTD = x_BTD + attended_BTD
     return h_BTD + self.feed_forward(self.ffn_norm(h_BTD)), cache
+
+
+@nnx.remat
+def _recomputed_block(block: Block, x_BTD, cos_TQ, sin_TQ):
+  """`block(x_BTD, ...)`, whose backward runs its forward again from `x_BTD` (model.remat=block):
+  of its activations only the input is kept. What the block writes to its state (dropout RNG
+  counts, captured intermediates and perturbations) comes out as from a plain call."""
+  return block(x_BTD, cos_TQ, sin_TQ)
 
 
 class DecodeCache(NamedTuple):
@@ -141,7 +150,10 @@ class Transformer(nnx.Module):
     cos_TQ, sin_TQ = rope_angles(self.cfg.resolved_head_dim, t, self.cfg.rope_theta)
     h_BTD = self.tok_embeddings(tokens_BT)
     for block in self.layers:
-      h_BTD = block(h_BTD, cos_TQ, sin_TQ)
+      if self.cfg.remat == "block":
+        h_BTD = _recomputed_block(block, h_BTD, cos_TQ, sin_TQ)
+      else:
+        h_BTD = block(h_BTD, cos_TQ, sin_TQ)
     return self.output(self.norm(h_BTD))
 
   def init_cache(self, batch_size: int, capacity: int) -> DecodeCache:

@@ -171,3 +171,28 @@ def test_the_search_tries_every_mesh_the_config_allows():
   assert (1, 1, 4, False) in shapes and (1, 4, 1, True) in shapes and (4, 1, 1, True) not in shapes
   dense = aot.mesh_candidates(config_loading.load("tiny", ["model.memory.layers=[]"]), 4)
   assert all(m["mesh.memory"] == 1 and not m["mesh.table_rows_over_fsdp"] for m in dense)
+
+
+def _figures(cfg: config.Config, temp_bytes: float) -> dict:
+  """What `compile_for` reports of cfg on a v5e-4, with the temporaries given."""
+  from jax.experimental import topologies
+
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  params, opt_state, _ = aot.state_bytes(cfg, mesh)
+  return {"config": cfg, "devices": 4, "libtpu_topology": "v5e:2x2", "mesh": dict(mesh.shape),
+          "params_bytes": params, "opt_state_bytes": opt_state, "temp_bytes": temp_bytes,
+          "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len}
+
+
+@needs_libtpu
+def test_the_advice_recomputes_activations_when_the_temporaries_outweigh_the_state():
+  def remats(temporaries_per_state, *overrides):
+    f = _figures(config_loading.load("tiny", list(overrides)), 0)
+    f["temp_bytes"] = temporaries_per_state * (f["params_bytes"] + f["opt_state_bytes"])
+    return [change for change, _ in aot.advise(f) if change.startswith("model.remat")]
+
+  assert remats(10) == ["model.remat=attention", "model.remat=block"]
+  assert remats(10, "model.remat=attention") == ["model.remat=block"]
+  assert remats(10, "model.remat=block") == []
+  assert remats(0.5) == []  # the state dominates: recomputing would not be the lever

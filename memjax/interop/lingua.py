@@ -144,7 +144,7 @@ OPTIM_DEFAULTS: dict[str, Any] = {
 SCHEDULERS = ("linear", "cosine", "constant")
 MODEL_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-_MEMJAX_ONLY_MODEL_KEYS = ("memory", "moe", "peer", "param_dtype", "dtype")
+_MEMJAX_ONLY_MODEL_KEYS = ("memory", "moe", "peer", "param_dtype", "dtype", "remat")
 
 
 def is_lingua(data: dict) -> bool:

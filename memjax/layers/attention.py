@@ -9,6 +9,7 @@ dim, C cache positions (its capacity), Q rotary frequencies (Z/2).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -73,9 +74,12 @@ class Attention(nnx.Module):
 
   def __init__(
       self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, init_std: float,
-      dtype, param_dtype, rngs: nnx.Rngs,
+      dtype, param_dtype, rngs: nnx.Rngs, recompute_probs: bool = False,
   ):
+    """`recompute_probs`: the backward recomputes the (B, H, T, T) attention probabilities from
+    the queries, keys and values instead of keeping them (model.remat=attention)."""
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+    self.recompute_probs = recompute_probs
     linear = lambda d_in, d_out, axes: nnx.Linear(
         d_in, d_out, use_bias=False, kernel_init=init.trunc_normal(init_std),
         kernel_metadata=sharding.logical(*axes), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -92,7 +96,10 @@ class Attention(nnx.Module):
         self.wk(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim), cos_TQ, sin_TQ
     )
     v_BTGZ = self.wv(x_BTD).reshape(b, t, self.n_kv_heads, self.head_dim)
-    out_BTHZ = jax.nn.dot_product_attention(q_BTHZ, k_BTGZ, v_BTGZ, is_causal=True)
+    attend = functools.partial(jax.nn.dot_product_attention, is_causal=True)
+    if self.recompute_probs:
+      attend = jax.checkpoint(attend)  # keeps its inputs alone
+    out_BTHZ = attend(q_BTHZ, k_BTGZ, v_BTGZ)
     return self.wo(out_BTHZ.reshape(b, t, self.n_heads * self.head_dim))
 
   def extend(

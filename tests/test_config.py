@@ -385,6 +385,22 @@ def test_lingua_memory_parallel_size_is_the_memory_mesh_axis():
   assert lingua_trainable("debug", ["distributed.dp_shard=2"]).mesh.fsdp == 2
 
 
+@pytest.mark.parametrize("overrides, remat", [
+    ([], "none"),
+    (["distributed.checkpoint_each_layer=true"], "block"),
+    (["distributed.selective_activation_checkpointing=true"], "attention"),
+])
+def test_lingua_activation_checkpointing_maps_onto_model_remat(overrides, remat):
+  assert lingua_trainable("debug", overrides).model.remat == remat
+
+
+def test_model_remat_round_trips_through_lingua_s_distributed_section():
+  for remat in ("none", "attention", "block"):
+    cfg = config_loading.load("tiny", [f"model.remat={remat}"])
+    back = config.from_dict(Config, lingua.to_memjax(lingua.from_memjax(cfg), training=False))
+    assert back.model.remat == remat
+
+
 def test_lingua_optimizer_keys_left_out_take_lingua_defaults():
   # debug.yaml gives lr, warmup, lr_min_ratio and clip; OptimArgs' defaults give the rest.
   optim = lingua_trainable("debug").optim

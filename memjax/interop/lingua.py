@@ -83,8 +83,6 @@ IGNORED = {
     "data.prefetch_size": "the data loader's reading ahead (Lingua's data layout is refused)",
     "distributed.dp_replicate": "the reference sets it from the world size; memjax's mesh.data "
                                 "takes the devices the other axes leave",
-    "distributed.selective_activation_checkpointing": "recomputation: memory, not the maths",
-    "distributed.checkpoint_each_layer": "recomputation: memory, not the maths",
     "distributed.compile": "torch.compile; memjax always compiles with XLA",
     "distributed.compile_cache_size_limit": "torch.compile's cache",
     "distributed.matmul_allow_tf32": "float32 matmul precision on NVIDIA GPUs (the model computes "
@@ -243,6 +241,7 @@ def to_memjax(data: dict, training: bool = True) -> dict:
         "distributed.model_dtype", f"must be one of {', '.join(MODEL_DTYPES)}, got {model_dtype!r}"
     )
   model["dtype"] = MODEL_DTYPES[model_dtype]
+  model["remat"] = _remat_from(distributed)
   productkey_args = _mapping(m["productkey_args"], "model.productkey_args")
   model["memory"] = memory_from_productkey_args(productkey_args)
   out = {
@@ -342,8 +341,7 @@ def _warn_ignored(data: dict, sections: dict[str, dict]) -> None:
       "checkpoint.eval.keep": CHECKPOINT_DEFAULTS["eval"]["keep"],
       **{f"data.{k}": DATA_DEFAULTS[k] for k in ("load_async", "prefetch_size")},
       **{f"distributed.{k}": DISTRIBUTED_DEFAULTS[k] for k in (
-          "dp_replicate", "selective_activation_checkpointing", "checkpoint_each_layer", "compile",
-          "compile_cache_size_limit", "matmul_allow_tf32", "detect_anomaly", "spawn_method",
+          "dp_replicate", "compile", "compile_cache_size_limit", "matmul_allow_tf32", "detect_anomaly", "spawn_method",
           "float8_filter")},
   }
   if sections["logging"].get("wandb") is not None:
@@ -454,7 +452,7 @@ def from_memjax(cfg: Config) -> dict:
   tokenizer = {v: k for k, v in TOKENIZER_VOCAB.items()}.get(m.vocab_size, "sp")
   return {
       "model": model,
-      "distributed": {"model_dtype": dtypes[m.dtype]},
+      "distributed": {"model_dtype": dtypes[m.dtype], **REMAT_FIELDS[m.remat]},
       "data": {"tokenizer": {"name": tokenizer, "path": None}},
       "optim": {k: getattr(cfg.optim, k) for k in OPTIM_DEFAULTS},
   }
@@ -507,6 +505,27 @@ def _train_from(data: dict, sections: dict[str, dict]) -> dict:
     train["wandb"]["mode"] = WANDB_MODES.get(wandb.get("mode"), wandb.get("mode"))
     train["wandb"]["name"] = data.get("name", TRAIN_DEFAULTS["name"])
   return train
+
+
+# model.remat as Lingua's distributed fields (the inverse of `_remat_from`).
+REMAT_FIELDS = {
+    "none": {},
+    "attention": {"selective_activation_checkpointing": True},
+    "block": {"checkpoint_each_layer": True},
+}
+
+
+def _remat_from(distributed: dict) -> str:
+  """model.remat of Lingua's activation checkpointing. checkpoint_each_layer recomputes each
+  block whole, memjax's `block`. Selective checkpointing keeps most matmul outputs and recomputes
+  the rest; memjax's nearest is `attention` (it recomputes attention's probabilities)."""
+  each_layer = distributed.get("checkpoint_each_layer", False)
+  selective = distributed.get("selective_activation_checkpointing", False)
+  for field, value in (("checkpoint_each_layer", each_layer),
+                       ("selective_activation_checkpointing", selective)):
+    if not isinstance(value, bool):
+      raise ConfigError(f"distributed.{field}", f"must be true or false, got {value!r}")
+  return "block" if each_layer else "attention" if selective else "none"
 
 
 def _mesh_from(distributed: dict) -> dict:

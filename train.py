@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from memjax import platforms  # noqa: E402
 platforms.quiet_libtpu()  # before JAX starts a backend
 
+from memjax import cli  # noqa: E402
 from memjax import config as config_lib  # noqa: E402
 from memjax import config_loading  # noqa: E402
 
@@ -29,19 +30,13 @@ def parse_args(argv: list[str]) -> tuple[str, config_lib.Config]:
   return path, config_loading.load(path, overrides)
 
 
+@cli.entry_point
 def main(argv: list[str]) -> int:
-  from memjax import checkpoint
-  from memjax.data import DataError
   from memjax.training import loop
 
-  try:
-    name, cfg = parse_args(argv)
-    run_dir = cfg.train.run_dir or loop.default_run_dir(name)
-    loop.run(cfg, run_dir)
-  except (config_lib.ConfigError, checkpoint.CheckpointMismatch, loop.NonFiniteLoss, DataError,
-          FileNotFoundError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  name, cfg = parse_args(argv)
+  run_dir = cfg.train.run_dir or loop.default_run_dir(name)
+  loop.run(cfg, run_dir)
   return 0
 
 

@@ -42,6 +42,7 @@ platforms.quiet_libtpu()
 
 import jax  # noqa: E402
 
+from memjax import cli  # noqa: E402
 from memjax import config as config_lib  # noqa: E402
 from memjax import config_loading  # noqa: E402
 from memjax import hardware, ops, sharding  # noqa: E402
@@ -550,6 +551,7 @@ def search(cfg: config_lib.Config, topology: str, pinned: dict[str, object] | No
   return best
 
 
+@cli.entry_point
 def main(argv: list[str]) -> int:
   if "-h" in argv or "--help" in argv:
     print(__doc__)
@@ -558,20 +560,16 @@ def main(argv: list[str]) -> int:
   argv = [a for a in argv if a != "--search"]
   path, options, overrides = config_loading.split_command_line(argv, ("topology",))
   topology = options.get("topology")
-  try:
-    if topology is None:
-      raise config_lib.ConfigError("topology", "give topology=<Cloud TPU name>, e.g. v5p-8")
-    cfg = config_loading.load(path, overrides)
-    if do_search:  # mesh fields given on the command line stay as given
-      pinned = {k: v for k, _, v in (o.partition("=") for o in overrides) if k.startswith("mesh.")}
-      pinned = {k: v for k, v in pinned.items() if k != "mesh.data" or v != "-1"}
-      return 0 if search(cfg, topology, pinned) else EXIT_DOES_NOT_FIT
-    figures = compile_for(cfg, topology)
-    print(report(figures))
-    return 0 if figures["fits"] else EXIT_DOES_NOT_FIT
-  except (config_lib.ConfigError, FileNotFoundError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  if topology is None:
+    raise config_lib.ConfigError("topology", "give topology=<Cloud TPU name>, e.g. v5p-8")
+  cfg = config_loading.load(path, overrides)
+  if do_search:  # mesh fields given on the command line stay as given
+    pinned = {k: v for k, _, v in (o.partition("=") for o in overrides) if k.startswith("mesh.")}
+    pinned = {k: v for k, v in pinned.items() if k != "mesh.data" or v != "-1"}
+    return 0 if search(cfg, topology, pinned) else EXIT_DOES_NOT_FIT
+  figures = compile_for(cfg, topology)
+  print(report(figures))
+  return 0 if figures["fits"] else EXIT_DOES_NOT_FIT
 
 
 if __name__ == "__main__":

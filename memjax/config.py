@@ -8,6 +8,7 @@ this module imports neither YAML nor the interop code, so every module can depen
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -40,10 +41,25 @@ class ConfigError(ValueError):
   def under(self, prefix: str) -> ConfigError:
     return ConfigError(f"{prefix}.{self.field}", self.detail)
 
+  def __reduce__(self):  # rebuilt from both arguments, e.g. when raised in a worker process
+    return ConfigError, (self.field, self.detail)
+
 
 def _check(ok: bool, field: str, message: str) -> None:
   if not ok:
     raise ConfigError(field, message)
+
+
+def _check_finite(config: Any, *names: str) -> None:
+  """Each float field `names` of `config` is finite (or None): inf and nan pass most range checks
+  (nan fails every comparison, inf passes > 0) and only show up later, as a diverged run."""
+  for name in names:
+    value = getattr(config, name)
+    _check(value is None or math.isfinite(value), name, f"must be a finite number, got {value}")
+
+
+def _check_seed(seed: int | None, field: str) -> None:
+  _check(seed is None or 0 <= seed < 2**63, field, f"must be in [0, 2**63), got {seed}")
 
 
 def _check_product_keys(n_keys: int, heads: int, knn: int, k_dim: int) -> None:
@@ -94,6 +110,7 @@ class MemoryConfig:
         "v_dim",
         f"must be a positive int or -1 (the model dim), got {self.v_dim}",
     )
+    _check_finite(self, "input_dropout", "query_dropout", "value_dropout")
     for name in ("input_dropout", "query_dropout", "value_dropout"):
       p = getattr(self, name)
       _check(0.0 <= p < 1.0, name, f"must be in [0, 1), got {p}")
@@ -133,6 +150,7 @@ class MoEConfig:
         "hidden_dim",
         f"must be a positive int or -1 (the dense FFN's), got {self.hidden_dim}",
     )
+    _check_finite(self, "balance_coef")
     _check(self.balance_coef >= 0, "balance_coef", f"must be >= 0, got {self.balance_coef}")
     _check(self.block >= 1, "block", f"must be >= 1, got {self.block}")
 
@@ -207,7 +225,19 @@ class ModelConfig:
         "n_kv_heads",
         f"must divide n_heads={self.n_heads}, got {self.resolved_kv_heads}",
     )
+    _check_finite(self, "ffn_dim_multiplier", "norm_eps", "rope_theta", "init_base_std")
     _check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+    _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+    _check(
+        self.ffn_dim_multiplier is None or self.ffn_dim_multiplier > 0,
+        "ffn_dim_multiplier",
+        f"must be > 0 or null, got {self.ffn_dim_multiplier}",
+    )
+    _check(
+        self.init_base_std is None or self.init_base_std > 0,
+        "init_base_std",
+        f"must be > 0 or null (dim**-0.5), got {self.init_base_std}",
+    )
     taken: dict[int, str] = {}
     for kind in ("memory", "moe", "peer"):
       layers = getattr(self, kind).layers
@@ -308,8 +338,13 @@ class DataConfig:
       _check(bool(self.path), "path", "must be a glob of text/JSONL files when source is 'files'")
     if self.source == "arrayrecord":
       _check(bool(self.path), "path", "must be a prepared directory when source is 'arrayrecord'")
+    _check_seed(self.seed, "seed")
     for name, weight in self.sources.items():
-      _check(weight > 0, f"sources.{name}", f"must be a weight > 0, got {weight}")
+      _check(
+          math.isfinite(weight) and weight > 0,
+          f"sources.{name}",
+          f"must be a finite weight > 0, got {weight}",
+      )
     if self.source == "lingua":
       _check(bool(self.root_dir), "root_dir", "must be the sources' folder when source is 'lingua'")
       _check(bool(self.sources), "sources", "must map folders to weights when source is 'lingua'")
@@ -364,6 +399,9 @@ class TrainConfig:
   seq_len: int = 128
   grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
   nan_patience: int = 5  # non-finite steps in a row (each skipped) before the run stops
+  # A step whose loss exceeds this factor times the running mean of the applied steps' losses is
+  # skipped like a non-finite one (0 = off). Healthy runs stay far below 4x; divergence does not.
+  loss_spike_factor: float = 4.0
   log_every: int = 20
   eval_every: int = 100  # eval loss, fact recall and memory diagnostics; also at the end
   eval_batches: int = 8
@@ -372,6 +410,9 @@ class TrainConfig:
   checkpoint_every: int = 100  # and at the end
   keep_checkpoints: int = 3  # 0 = keep all
   resume: bool = True  # continue from the newest checkpoint in run_dir
+  # Continue from this checkpointed step instead of the newest (0 = the newest); the newer ones
+  # are moved to run_dir/set_aside/, never deleted.
+  resume_step: int = 0
   stop_after: int = 0  # end this invocation after N steps, with a checkpoint (0 = run to `steps`)
   tensorboard: bool = True  # event files beside metrics.jsonl
   wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
@@ -393,6 +434,10 @@ class TrainConfig:
         f"must divide batch_size={self.batch_size}, got {self.grad_accum}",
     )
     _check(self.probes >= 0, "probes", f"must be >= 0, got {self.probes}")
+    _check_finite(self, "loss_spike_factor")
+    _check(self.loss_spike_factor == 0 or self.loss_spike_factor > 1, "loss_spike_factor",
+           f"must be 0 (off) or > 1, got {self.loss_spike_factor}")
+    _check(self.resume_step >= 0, "resume_step", f"must be >= 0, got {self.resume_step}")
     if self.profile:
       start, stop = self.profile_steps
       _check(start <= self.steps, "profile", f"starts after the last step {self.steps}, got "
@@ -434,6 +479,8 @@ class OptimConfig:
   table_update: TableUpdate = "dense"
 
   def __post_init__(self):
+    _check_finite(self, "lr", "value_lr", "lr_min_ratio", "cycle_length", "cosine_theta",
+                  "weight_decay", "clip")
     _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
     _check(self.value_lr >= 0, "value_lr", f"must be >= 0, got {self.value_lr}")
     _check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
@@ -457,6 +504,7 @@ class Config:
   seed: int = 0  # parameter initialisation, dropout and data order
 
   def __post_init__(self):
+    _check_seed(self.seed, "seed")
     _check(
         self.mesh.memory == 1 or self.model.value_dim % self.mesh.memory == 0,
         "mesh.memory",
@@ -562,7 +610,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
   hints = typing.get_type_hints(cls)
   fields = {f.name for f in dataclasses.fields(cls)}
   path = (lambda k: f"{prefix}.{k}" if prefix else k)
-  unknown = sorted(set(data) - fields)
+  unknown = sorted(set(data) - fields, key=str)  # YAML keys may be ints or null
   if unknown:
     raise ConfigError(
         path(unknown[0]), f"unknown key; {cls.__name__} has: {', '.join(sorted(fields))}"

@@ -9,13 +9,14 @@ depends on both.
 
 from __future__ import annotations
 
+import io
 import pathlib
 import re
 from typing import Any, Callable, Sequence
 
 import yaml
 from etils import epath
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, errors as omegaconf_errors
 
 from memjax import paths
 from memjax.config import Config, ConfigError, from_dict, to_dict
@@ -88,17 +89,35 @@ _PlaceholderTagLoader.add_implicit_resolver(
 _PlaceholderTagLoader.add_multi_constructor("!", _placeholder)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+  """A YAML error in one line: what is wrong and where (PyYAML's message spans several)."""
+  if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+    mark = error.problem_mark
+    return f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}"
+  return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def _load_yaml(path: epath.Path | pathlib.Path):
+  """The mapping in YAML file `path`; a file that is not one is a ConfigError naming it."""
   try:
-    if paths.is_remote(path):  # OmegaConf opens only local files
-      with path.open("r") as f:
-        return OmegaConf.load(f)
-    return OmegaConf.load(path)
-  except yaml.constructor.ConstructorError:
-    # Lingua's templates mark values to edit with an unknown tag (`path: !!CHANGETHIS!!`): read
-    # the placeholder as a string, so the model the file describes still loads.
-    with path.open("r", encoding="utf-8") as f:
-      return OmegaConf.create(yaml.load(f, Loader=_PlaceholderTagLoader) or {})
+    text = path.read_bytes().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ConfigError(str(path), f"is not UTF-8 text (byte {e.start}: {e.reason})") from None
+  try:
+    root = yaml.compose(text, Loader=yaml.SafeLoader)  # the document's shape, values unread
+    if root is not None and not isinstance(root, yaml.MappingNode):
+      kind = "a list" if isinstance(root, yaml.SequenceNode) else f"the single value {root.value!r}"
+      raise ConfigError(str(path), f"must be a YAML mapping of config keys to values, got {kind}")
+    try:
+      return OmegaConf.load(io.StringIO(text))
+    except yaml.constructor.ConstructorError:
+      # Lingua's templates mark values to edit with an unknown tag (`path: !!CHANGETHIS!!`): read
+      # the placeholder as a string, so the model the file describes still loads.
+      return OmegaConf.create(yaml.load(text, Loader=_PlaceholderTagLoader) or {})
+  except yaml.YAMLError as e:
+    raise ConfigError(str(path), f"is not valid YAML: {_yaml_problem(e)}") from None
+  except omegaconf_errors.OmegaConfBaseException as e:  # e.g. a key OmegaConf cannot hold
+    raise ConfigError(str(path), str(e).splitlines()[0]) from None
 
 
 def merge_overrides(base: Any, overrides: Sequence[str] = ()) -> dict:
@@ -106,11 +125,28 @@ def merge_overrides(base: Any, overrides: Sequence[str] = ()) -> dict:
   for item in overrides:
     if "=" not in item:
       raise ConfigError(item, "overrides are written key=value, e.g. model.dim=256")
-  # YAML 1.1 reads 2:4 as the base-60 int 124; memjax has no such field, and train.profile is
-  # written START:STOP.
-  overrides = [re.sub(r"^([^=]+)=(\d+(?::\d+)+)$", r"\1='\2'", item) for item in overrides]
-  merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(list(overrides)))
-  return OmegaConf.to_container(merged, resolve=True)
+  merged = OmegaConf.create(base)
+  for item in overrides:
+    # YAML 1.1 reads 2:4 as the base-60 int 124; memjax has no such field, and train.profile is
+    # written START:STOP.
+    quoted = re.sub(r"^([^=]+)=(\d+(?::\d+)+)$", r"\1='\2'", item)
+    try:
+      merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([quoted]))
+    except yaml.YAMLError as e:
+      raise ConfigError(item, f"the value is not valid YAML: {_yaml_problem(e)}") from None
+    except omegaconf_errors.OmegaConfBaseException as e:  # a malformed key, a clash of types
+      raise ConfigError(item, str(e).splitlines()[0]) from None
+    except TypeError as e:  # OmegaConf's for a list merged into a mapping, or the reverse
+      raise ConfigError(
+          item, f"{e}: the file or an earlier override gives it another type"
+      ) from None
+  try:
+    return OmegaConf.to_container(merged, resolve=True)
+  except omegaconf_errors.OmegaConfBaseException as e:  # e.g. ${oc.env:NAME} of an unset NAME
+    reason = str(e).splitlines()[0].removeprefix("KeyError raised while resolving interpolation: ")
+    reason = reason.strip('"')
+    field = getattr(e, "full_key", None) or "config"
+    raise ConfigError(field, f"cannot resolve an interpolation: {reason}") from None
 
 
 def load_dict(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> dict:

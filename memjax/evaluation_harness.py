@@ -51,6 +51,7 @@ from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
 from memjax import checkpoint, data, generate, paths, sharding
+from memjax.cli import InputError, entry_point, reading
 from memjax.model import Transformer, split_for_inference
 
 
@@ -290,7 +291,7 @@ TASKS_DIR = pathlib.Path(__file__).resolve().parent / "lm_eval_tasks"
 def task_manager(tasks: Sequence[str]):
   """An lm-eval TaskManager that knows `tasks` (names, or paths of task YAML files, whose
   folders it indexes; memjax's `TASKS_DIR` always), and the task names to ask it for. Raises
-  ValueError naming the unknown."""
+  InputError naming the unknown."""
   from lm_eval.tasks import TaskManager
 
   names, folders = [], [str(TASKS_DIR)]
@@ -298,7 +299,7 @@ def task_manager(tasks: Sequence[str]):
     if task.endswith((".yaml", ".yml")):
       path = pathlib.Path(task)
       if not path.is_file():
-        raise ValueError(f"task file {task} does not exist")
+        raise InputError(f"task file {task} does not exist")
       if str(path.resolve().parent) not in folders:
         folders.append(str(path.resolve().parent))
       names.append(str(path.resolve()))
@@ -310,7 +311,7 @@ def task_manager(tasks: Sequence[str]):
   manager = TaskManager(include_path=folders, include_defaults=needs_defaults)
   unknown = [n for n in names if not n.endswith((".yaml", ".yml")) and n not in manager.all_tasks]
   if unknown:
-    raise ValueError(
+    raise InputError(
         f"unknown lm-eval task(s) {', '.join(unknown)}: give task, group or tag names that "
         "`lm-eval ls tasks` lists, or paths of task .yaml files"
     )
@@ -340,6 +341,7 @@ def metrics_table(results: dict[str, Any]) -> str:
   return table
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m memjax.eval",
@@ -359,13 +361,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-  try:
-    # Tasks are checked before the checkpoint is read: a typo costs no restore.
-    manager, names = task_manager(tasks)
+  # Tasks are checked before the checkpoint is read: a typo costs no restore.
+  manager, names = task_manager(tasks)
+  with reading(f"the checkpoint at {args.path}"):
     _, model, tokenizer, mesh = load_run(args.path)
-    lm = MemjaxLM(model, tokenizer, mesh, batch_size=args.batch_size)
-  except (FileNotFoundError, ValueError) as e:
-    parser.exit(2, f"{parser.prog}: error: {e}\n")
+  lm = MemjaxLM(model, tokenizer, mesh, batch_size=args.batch_size)
   results = evaluate(lm, names, num_fewshot=args.num_fewshot, limit=limit, manager=manager)
   print(metrics_table(results), flush=True)
   if args.output is not None:

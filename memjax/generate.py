@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
+import sys
 from typing import Sequence
 
 import jax
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memjax import cli
 from memjax.model import Transformer, split_for_inference
 
 
@@ -113,8 +116,9 @@ def _run(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, rng) -
     raise ValueError(f"stop ids must be in [0, vocab_size={cfg.vocab_size}), got {bad}")
   if max_new_tokens < 0:
     raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  # nan passes `< 0` and then samples from nan logits: garbage ids, with no error.
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   greedy = temperature == 0
@@ -212,6 +216,7 @@ def _extend(graphdef, state, tokens_BT, cache, n_valid_B=None):
 # Command line.
 
 
+@cli.entry_point
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m memjax.generate",
@@ -229,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   from memjax import checkpoint  # the checkpoint stack loads only for the command line
 
-  _, model, tokenizer = checkpoint.load_for_inference(args.path)
+  with cli.reading(f"the checkpoint at {args.path}"):
+    _, model, tokenizer = checkpoint.load_for_inference(args.path)
   # Training documents start with BOS; the tokenizer's encode adds none.
   prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(text)] for text in args.prompt]
   try:
@@ -238,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         top_p=args.top_p, eos_id=tokenizer.eos_id, rng=jax.random.key(args.seed),
     )
   except ValueError as e:  # a request the model cannot serve (too long, bad top_p, ...)
-    parser.error(str(e))
+    raise cli.InputError(str(e)) from None
   for text, new in zip(args.prompt, rows):
     print(text + tokenizer.decode(new), flush=True)  # decode skips the EOS
 
@@ -246,4 +252,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
   from memjax import platforms
   platforms.quiet_libtpu()  # before JAX starts a backend
-  main()
+  sys.exit(main())

@@ -140,10 +140,10 @@ def test_generation_stops_at_the_until_strings(lm):
 
 def test_the_command_prints_and_writes_per_task_metrics(run_dir, tmp_path, capsys):
   output = tmp_path / "results" / "eval.json"
-  harness.main([
+  assert harness.main([
       str(run_dir), "--tasks", ",".join(LOCAL_TASKS), "--limit", "3", "--batch-size", "4",
       "--output", str(output),
-  ])
+  ]) == 0
   printed = capsys.readouterr().out
   assert "memjax_choice" in printed and "memjax_qa" in printed and "exact_match" in printed
   written = json.loads(output.read_text())
@@ -208,9 +208,9 @@ def test_the_command_scores_exact_match_f1_and_answer_nll_as_computed_by_hand(
 
   monkeypatch.setattr(harness.MemjaxLM, "generate_until", generate_until)
   output = tmp_path / "qa.json"
-  harness.main([
+  assert harness.main([
       str(run_dir), "--tasks", f"{LOCAL_TASKS[1]},{QA_NLL_TASK}", "--output", str(output)
-  ])
+  ]) == 0
   metrics = task_metrics(json.loads(output.read_text()))
   assert metrics["memjax_qa"]["exact_match,remove_whitespace"] == pytest.approx(3 / 5)
   assert metrics["memjax_qa"]["f1,remove_whitespace"] == pytest.approx((1 + 1 + 0.5 + 1 + 1) / 5)
@@ -309,9 +309,7 @@ def test_bad_input_gives_one_clear_error(case, message, run_dir, tmp_path, capsy
     tasks = f"{LOCAL_TASKS[0]},no_such_task"
   else:
     tasks = str(tmp_path / "nothing.yaml")
-  with pytest.raises(SystemExit) as exit_info:
-    harness.main([path, "--tasks", tasks])
-  assert exit_info.value.code == 2
+  assert harness.main([path, "--tasks", tasks]) == 2
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1, err
   assert re.search(message.replace("(s)", r"\(s\)"), err), err

@@ -46,7 +46,7 @@ import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from memjax.config import ConfigError
+from memjax.cli import InputError, entry_point
 from memjax.data.sources import (
     CHUNK_GLOB,
     PREPARED_FORMAT,
@@ -254,12 +254,12 @@ def prepare(
   plus this call's `written` and `skipped` shard counts and `seconds`."""
   t0 = time.perf_counter()
   if shard_bytes < 1:
-    raise ValueError(f"--shard-mb: must be > 0, got {shard_bytes} bytes")
+    raise InputError(f"--shard-mb: must be > 0, got {shard_bytes} bytes")
   processes = processes or os.cpu_count() or 1
   if processes < 1:
-    raise ValueError(f"--processes: must be >= 1, got {processes}")
+    raise InputError(f"--processes: must be >= 1, got {processes}")
   if is_remote(output):
-    raise ValueError(
+    raise InputError(
         f"--output: {output}: ArrayRecord writes local files only; prepare into a local directory "
         f"and copy it there (gcloud storage cp -r DIR {output}), then train with "
         f"data.path={output}"
@@ -358,6 +358,7 @@ def summary(result: dict, processes: int) -> str:
   )
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   # `config=` and `data.*=` name the tokenizer as a run's config does; the rest are inputs.
@@ -377,19 +378,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   from memjax import config_loading  # YAML and the interop mappings, for the command line only
 
-  try:
-    path, _, overrides = config_loading.split_command_line([a for a in argv if is_config(a)])
-    data = config_loading.load(path, overrides).data
-    processes = args.processes or os.cpu_count() or 1
-    result = prepare(
-        args.inputs, args.output, tokenizer=data.tokenizer,
-        tokenizer_path=data.tokenizer_path or None, text_key=data.text_key,
-        processes=processes, shard_bytes=int(args.shard_mb * (1 << 20)),
-        progress=not args.quiet,
-    )
-  except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  path, _, overrides = config_loading.split_command_line([a for a in argv if is_config(a)])
+  data = config_loading.load(path, overrides).data
+  processes = args.processes or os.cpu_count() or 1
+  result = prepare(
+      args.inputs, args.output, tokenizer=data.tokenizer,
+      tokenizer_path=data.tokenizer_path or None, text_key=data.text_key,
+      processes=processes, shard_bytes=int(args.shard_mb * (1 << 20)),
+      progress=not args.quiet,
+  )
   print(summary(result, processes))
   print(f"train on them with data.source=arrayrecord data.path={args.output}")
   return 0

@@ -19,6 +19,8 @@ from typing import Protocol, Sequence
 import numpy as np
 from etils import epath
 
+from memjax.config import ConfigError
+
 TOKENIZER_KINDS = ("bytes", "sentencepiece", "tiktoken")
 
 
@@ -90,12 +92,15 @@ class SentencePieceTokenizer:
     try:
       self._sp.LoadFromSerializedProto(model_proto)
     except RuntimeError as e:
-      raise ValueError(f"data.tokenizer_path: {model_path} is no SentencePiece model ({e})") from e
+      raise ConfigError(
+          "data.tokenizer_path", f"{model_path} is no SentencePiece model ({e})"
+      ) from e
     self.vocab_size = self._sp.get_piece_size()
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
-      raise ValueError(
-          f"data.tokenizer_path: the SentencePiece model {model_path} has no BOS or EOS piece "
+      raise ConfigError(
+          "data.tokenizer_path",
+          f"the SentencePiece model {model_path} has no BOS or EOS piece "
           f"(bos_id={self.bos_id}, eos_id={self.eos_id}); train it with bos_id and eos_id >= 0"
       )
 
@@ -157,15 +162,22 @@ def read_tiktoken_ranks(path: str | epath.PathLike) -> dict[bytes, int]:
         raise ValueError("expected two fields")
       token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
     except (ValueError, binascii.Error) as e:
-      raise ValueError(f"{path}:{line_no}: expected 'base64-token rank', got {line[:60]!r} ({e})")
+      raise ConfigError(
+          "data.tokenizer_path",
+          f"{path}:{line_no}: expected 'base64-token rank', got {line[:60]!r} ({e})",
+      ) from None
     if token in ranks:
-      raise ValueError(f"{path}:{line_no}: token {token!r} is listed twice")
+      raise ConfigError("data.tokenizer_path", f"{path}:{line_no}: token {token!r} is listed twice")
     ranks[token] = rank
   if sorted(ranks.values()) != list(range(len(ranks))):
-    raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1}, each once")
+    raise ConfigError(
+        "data.tokenizer_path", f"{path}: ranks must be 0..{len(ranks) - 1}, each once"
+    )
   missing = [b for b in range(256) if bytes([b]) not in ranks]
   if missing:
-    raise ValueError(f"{path}: every single byte must be a token, missing {missing[:8]}")
+    raise ConfigError(
+        "data.tokenizer_path", f"{path}: every single byte must be a token, missing {missing[:8]}"
+    )
   return ranks
 
 
@@ -215,12 +227,16 @@ def make_tokenizer(kind: str, path: str | None = None) -> Tokenizer:
   """The tokenizer `kind` (one of TOKENIZER_KINDS); `path` is its model file (none for bytes)."""
   if kind == "bytes":
     if path:
-      raise ValueError(f"data.tokenizer_path: the byte tokenizer takes no model file, got {path!r}")
+      raise ConfigError(
+          "data.tokenizer_path", f"the byte tokenizer takes no model file, got {path!r}"
+      )
     return ByteTokenizer()
   if kind not in TOKENIZER_KINDS:
-    raise ValueError(f"data.tokenizer: must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}")
+    raise ConfigError(
+        "data.tokenizer", f"must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}"
+    )
   if not path:
-    raise ValueError(f"data.tokenizer_path: the {kind} tokenizer needs its model file")
+    raise ConfigError("data.tokenizer_path", f"the {kind} tokenizer needs its model file")
   if kind == "sentencepiece":
     return SentencePieceTokenizer(path)
   return TiktokenTokenizer(path)

@@ -236,7 +236,7 @@ def to_memjax(data: dict, training: bool = True) -> dict:
   default_seq_len = DATA_DEFAULTS["seq_len"] if training else m["max_seqlen"]
   model["max_seqlen"] = data_section.get("seq_len", default_seq_len)
   model_dtype = distributed.get("model_dtype", "bf16")
-  if model_dtype not in MODEL_DTYPES:
+  if not _one_of(model_dtype, MODEL_DTYPES):
     raise ConfigError(
         "distributed.model_dtype", f"must be one of {', '.join(MODEL_DTYPES)}, got {model_dtype!r}"
     )
@@ -308,7 +308,7 @@ def _refuse_what_memjax_cannot_train(data: dict, sections: dict[str, dict]) -> N
        "(distributed.memory_parallel_size) axes"),
       ("distributed.float8_recipe", dist.get("float8_recipe") is None, "must be null: memjax "
        "computes in model_dtype, with no float8 linears"),
-      ("distributed.fsdp_type", dist.get("fsdp_type", "no_shard") in FSDP_TYPES,
+      ("distributed.fsdp_type", _one_of(dist.get("fsdp_type", "no_shard"), FSDP_TYPES),
        f"must be one of {', '.join(FSDP_TYPES)}"),
   )
   for field, ok, message in checks:
@@ -466,7 +466,7 @@ def _optim_from(data: dict, productkey_args: dict) -> dict:
     if key in given and given[key] != fixed:
       raise ConfigError(f"optim.{key}", f"must be {fixed} (memjax's AdamW), got {given[key]!r}")
   optim = {key: given.get(key, default) for key, default in OPTIM_DEFAULTS.items()}
-  if optim["scheduler"] not in SCHEDULERS:
+  if not _one_of(optim["scheduler"], SCHEDULERS):
     raise ConfigError(
         "optim.scheduler", f"must be one of {', '.join(SCHEDULERS)} (memjax has no inv_sqrt), "
         f"got {optim['scheduler']!r}"
@@ -501,8 +501,11 @@ def _train_from(data: dict, sections: dict[str, dict]) -> dict:
   train["log_every"] = sections["logging"].get("freq", LOGGING_DEFAULTS["freq"])
   wandb = sections["logging"].get("wandb")
   if wandb is not None:
+    wandb = _mapping(wandb, "logging.wandb")
     train["wandb"] = {k: wandb[k] for k in WANDB_MAPPED if wandb.get(k) is not None}
-    train["wandb"]["mode"] = WANDB_MODES.get(wandb.get("mode"), wandb.get("mode"))
+    mode = wandb.get("mode")
+    hashable = mode is None or isinstance(mode, str)  # a list from a file is refused later
+    train["wandb"]["mode"] = WANDB_MODES.get(mode, mode) if hashable else mode
     train["wandb"]["name"] = data.get("name", TRAIN_DEFAULTS["name"])
   return train
 
@@ -544,12 +547,12 @@ def _data_from(data_section: dict) -> dict:
   out: dict[str, Any] = {"seed": data_section.get("seed", DATA_DEFAULTS["seed"])}
   if data_section.get("root_dir") and data_section.get("sources"):
     out |= {"source": "lingua", "root_dir": data_section["root_dir"],
-            "sources": dict(data_section["sources"])}
+            "sources": dict(_mapping(data_section["sources"], "data.sources"))}
   for key in ("add_bos", "add_eos"):
     out[key] = data_section.get(key, DATA_DEFAULTS[key])
   tokenizer = _mapping(data_section.get("tokenizer"), "data.tokenizer")
   name = tokenizer.get("name", "bytes")
-  if name not in TOKENIZER_KINDS:
+  if not _one_of(name, TOKENIZER_KINDS):
     raise ConfigError(
         "data.tokenizer.name", f"must be one of {', '.join(TOKENIZER_KINDS)}, got {name!r}"
     )
@@ -562,6 +565,11 @@ def _data_from(data_section: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def _one_of(value: Any, names) -> bool:
+  """Whether `value` is one of the string `names` (a list or mapping from a file is none)."""
+  return isinstance(value, str) and value in names
+
+
 def _mapping(value: Any, field: str) -> dict:
   if value is None:
     return {}
@@ -571,7 +579,7 @@ def _mapping(value: Any, field: str) -> dict:
 
 
 def _no_unknown(data: dict, known, field: str, what: str) -> None:
-  unknown = sorted(set(data) - set(known))
+  unknown = sorted(set(data) - set(known), key=str)
   if unknown:
     name = f"{field}.{unknown[0]}" if field else unknown[0]
     raise ConfigError(name, f"unknown key; {what} has: {', '.join(sorted(known))}")
@@ -588,7 +596,7 @@ def _vocab_size(value: Any, data_section: dict) -> Any:
     return value  # an explicit size; its type is checked with the rest
   tokenizer = _mapping(data_section.get("tokenizer"), "data.tokenizer")
   name = tokenizer.get("name", "bytes")  # Lingua's TokenizerArgs default
-  if name not in TOKENIZER_VOCAB:
+  if not _one_of(name, TOKENIZER_VOCAB):
     known = ", ".join(f"{k} {v}" for k, v in TOKENIZER_VOCAB.items())
     raise ConfigError(
         "model.vocab_size",

@@ -141,8 +141,8 @@ def _fill(layout: Layout, state_dict: dict, aliases: dict[str, str]) -> None:
   """Sets every variable of `layout` from `state_dict`, cast to the variable's dtype.
 
   `aliases` maps optional copies of the shared table (under the reference's other memory layers)
-  to the table's key: each copy present must equal it. Anything else missing, extra or misshapen
-  raises CheckpointError.
+  to the table's key: each copy present must equal it. Anything else missing, extra, misshapen
+  or not finite raises CheckpointError.
   """
   missing = [k for k in layout if k not in state_dict]
   if missing:
@@ -166,7 +166,12 @@ def _fill(layout: Layout, state_dict: dict, aliases: dict[str, str]) -> None:
       array = array.T
     elif kind == "keys":
       array = array.reshape(var.shape)
-    var.set_value(jnp.asarray(array, dtype=var.dtype))
+    value = jnp.asarray(array, dtype=var.dtype)
+    # A diverged run's weights (or a cast that overflows) would load and only give nan logits.
+    bad = int(jnp.size(value) - jnp.isfinite(value).sum())
+    if bad:
+      raise CheckpointError(f"{key}: {bad} non-finite value(s) (nan or inf) as {var.dtype}")
+    var.set_value(value)
   for key, table_key in aliases.items():
     if key in state_dict:
       alias, table = _numpy(state_dict[key]), _numpy(state_dict[table_key])
@@ -205,7 +210,8 @@ def load_consolidated(
   Raises:
     FileNotFoundError: no checkpoint or params.json at `path`.
     ConfigError: params.json holds a setting memjax does not support.
-    CheckpointError: a missing, unexpected or misshapen key, or differing copies of a shared table.
+    CheckpointError: params.json is not a JSON object; a missing, unexpected, misshapen or
+      non-finite key, or differing copies of a shared table.
   """
   torch = _torch()
   path = epath.Path(path)
@@ -216,7 +222,13 @@ def load_consolidated(
       raise FileNotFoundError(f"{f}: not found (a consolidated checkpoint has {CHECKPOINT_NAME} "
                               f"and {PARAMS_NAME} side by side)")
   try:
-    data = lingua.to_memjax(json.loads(params.read_text()), training=False)
+    params_data = json.loads(params.read_bytes())
+  except ValueError as e:  # not JSON, or not UTF-8
+    raise CheckpointError(f"{params}: not a JSON file ({e})") from None
+  if not isinstance(params_data, dict):
+    raise CheckpointError(f"{params}: expected a JSON object of settings, got {params_data!r:.60}")
+  try:
+    data = lingua.to_memjax(params_data, training=False)
   except ConfigError as e:
     raise ConfigError(e.field, f"{e.detail} (in {params})") from None
   cfg = from_dict(Config, config_loading.merge_overrides(data, overrides))

@@ -43,7 +43,7 @@ def test_cli_trains_evaluates_saves_and_generates(tmp_path, data_dir, capsys):
   assert (run_dir / "checkpoints" / "6").is_dir()
   assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
-  generate.main([str(run_dir), "--prompt", "Ada was born in", "--max-new-tokens", "6"])
+  assert generate.main([str(run_dir), "--prompt", "Ada was born in", "--max-new-tokens", "6"]) == 0
   assert capsys.readouterr().out.startswith("Ada was born in")
 
 

@@ -1,8 +1,10 @@
 """The training program behind `train.py`: setup, the step loop, eval, checkpoints and logs.
 
 `setup` builds everything a run needs (mesh, sharded state, data iterator, checkpointer) and
-resumes from the run directory's newest checkpoint; `run` drives the jitted, ahead-of-time
-compiled step and the periodic eval, logging and saving.
+resumes from the run directory's newest readable checkpoint (or `train.resume_step`), refusing a
+config that changes the model or its data; `run` drives the jitted, ahead-of-time compiled step
+and the periodic eval, logging and saving. A checkpoint is written only from a state whose last
+step was applied; a failed save or a run of skipped steps ends the run with one message.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -33,11 +36,38 @@ from memjax.data import DataError
 from memjax.training import evaluation, inputs as inputs_lib, step as step_lib
 from memjax.training import state as state_lib
 from memjax.training import monitor
-from memjax.training.metrics import MetricsWriter, check_tensorboard_dir, check_wandb
+from memjax.training.metrics import MetricsWriter, check_tensorboard_dir, check_wandb, drop_after
 
 
 class NonFiniteLoss(RuntimeError):
-  """Too many non-finite steps in a row; the message says what to try."""
+  """Too many skipped (non-finite or spiking) steps in a row; the message says what to try and
+  the command that continues from the last healthy checkpoint."""
+
+
+def _continue_command(step: int) -> str:
+  """This invocation's command with train.resume_step=STEP (when run as train.py)."""
+  argv = [a for a in sys.argv if not a.startswith("train.resume_step=")]
+  if not argv or not argv[0].endswith("train.py"):
+    return f"the same command with train.resume_step={step}"
+  return shlex.join(["python", *argv, f"train.resume_step={step}"])
+
+
+def _diverged(cfg: Config, step: int, checkpointer: checkpoint_lib.Checkpointer) -> NonFiniteLoss:
+  train = cfg.train
+  why = "a non-finite loss, gradient or parameter"
+  if train.loss_spike_factor:
+    why += f", or a loss above {train.loss_spike_factor:g}x its running mean"
+  checkpointer.wait_until_finished()
+  healthy = checkpointer.latest_step()
+  if healthy is None:
+    advice = "no checkpoint was written; start again in a new train.run_dir"
+  else:
+    advice = (f"then continue from the last healthy checkpoint, step {healthy}: "
+              f"{_continue_command(healthy)}")
+  return NonFiniteLoss(
+      f"training diverged: {train.nan_patience} steps in a row up to step {step} were skipped "
+      f"({why}). Lower optim.lr or raise optim.warmup (or use model.dtype=float32), {advice}"
+  )
 
 
 @dataclasses.dataclass
@@ -68,6 +98,75 @@ def prepare_run_dir(run_dir: epath.Path) -> None:
     ) from None
 
 
+# Fields a resume may change: how the model is computed (not what), and where the data lives.
+# Every other model.* and data.* field changes the function or the data, and is refused.
+_MAY_CHANGE = (
+    "model.remat", "model.dtype", "model.memory.impl", "model.moe.impl", "model.peer.impl",
+    "model.moe.block", "model.memory.input_dropout", "model.memory.query_dropout",
+    "model.memory.value_dropout", "data.data_dir", "data.root_dir", "data.path",
+    "data.eval_path", "data.eval_split", "data.tokenizer_path", "data.prefetch", "data.shards",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def check_config_change(saved: dict, cfg: Config, step: int, run_dir: epath.Path) -> str | None:
+  """Raises ConfigError for the first field that changes the model or its data since the
+  checkpoint; returns one line naming the other changed fields (None when none did). The
+  schedule's fields are left to `optim.schedule_change`, and fields the checkpoint predates are
+  not changes."""
+  old, new = _flat(saved), _flat(to_dict(cfg))
+  changed = [k for k in new if k in old and old[k] != new[k]]
+  for field in changed:
+    if field.startswith(("model.", "data.")) and field not in _MAY_CHANGE:
+      raise ConfigError(
+          field,
+          f"the checkpoint of step {step} in {run_dir} was trained with {old[field]!r}, this "
+          f"config has {new[field]!r}, which changes the model or its data; set it back, or "
+          "choose another train.run_dir",
+      )
+  rest = [f"{k} {old[k]!r} -> {new[k]!r}" for k in changed if k not in optim.SCHEDULE_FIELDS
+          and k != "train.resume_step"]
+  return f"changed since the checkpoint of step {step}: {', '.join(rest)}" if rest else None
+
+
+def _restore_readable(checkpointer: checkpoint_lib.Checkpointer, abstract, data_shards,
+                      log: Callable[[str], None], upto: int | None = None):
+  """(step, saved config, state, data state) of the newest checkpoint (up to step `upto`) that
+  can be read; each damaged one is reported. One of another model (CheckpointMismatch) is
+  refused, not skipped."""
+  damaged = []
+  for step in reversed([s for s in checkpointer.steps() if upto is None or s <= upto]):
+    try:
+      saved = checkpointer.saved_config(step)
+      state, data_state = checkpointer.restore(step, abstract, data_shards)
+    except checkpoint_lib.UnreadableCheckpoint as error:
+      log(f"warning: {error}; trying the checkpoint before it")
+      damaged.append(step)
+      continue
+    return step, saved, state, data_state
+  raise checkpoint_lib.CheckpointError(
+      f"no checkpoint in {checkpointer.directory} can be read (steps {damaged}; the reasons are "
+      "above); move them away to start again, or choose another train.run_dir"
+  )
+
+
+def _continued_from(checkpointer: checkpoint_lib.Checkpointer, step: int) -> int | None:
+  """The train.resume_step of the run that wrote checkpoint `step`."""
+  try:
+    return checkpointer.saved_config(step).get("train", {}).get("resume_step") or None
+  except checkpoint_lib.UnreadableCheckpoint:
+    return None
+
+
 def setup(
     cfg: Config, run_dir: epath.Path, mesh: jax.sharding.Mesh, log: Callable[[str], None] = print
 ) -> Run:
@@ -84,7 +183,22 @@ def setup(
   checkpointer = checkpoint_lib.Checkpointer(
       run_dir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints
   )
+  if cfg.train.resume_step and cfg.train.resume:
+    if cfg.train.resume_step not in checkpointer.steps():
+      checkpointer.close()
+      raise ConfigError(
+          "train.resume_step",
+          f"{run_dir} holds no checkpoint of step {cfg.train.resume_step} (it holds "
+          f"{checkpointer.steps() or 'none'})",
+      )
   latest = checkpointer.latest_step()
+  upto = cfg.train.resume_step or None
+  if (upto and latest is not None and latest > upto
+      and _continued_from(checkpointer, latest) == upto):
+    # The run that train.resume_step started has checkpointed since: rerunning its command
+    # (a time-limited job) continues it instead of going back again.
+    log(f"train.resume_step={upto}: continued from it already; resuming from step {latest}")
+    upto = None
   inputs = inputs_lib.make_inputs(
       cfg, process_index=jax.process_index(), process_count=jax.process_count()
   )
@@ -98,14 +212,28 @@ def setup(
       )
     abstract = state_lib.abstract_state(cfg, mesh)
     try:
-      state, data_state = checkpointer.restore(latest, abstract, inputs.train)
+      latest, saved, state, data_state = _restore_readable(
+          checkpointer, abstract, inputs.train, log, upto)
       inputs.train.set_state(data_state)
-    except (checkpoint_lib.CheckpointMismatch, DataError):
+    except (checkpoint_lib.CheckpointError, DataError):
       checkpointer.close()
       inputs.train.close()
       raise
+    try:
+      others = check_config_change(saved, cfg, latest, run_dir)
+    except ConfigError:
+      checkpointer.close()
+      inputs.train.close()
+      raise
+    # Newer checkpoints (damaged, or past train.resume_step) would be resumed by the next start
+    # and collide with this run's saves: they are moved, never deleted.
+    moved = checkpointer.set_aside_after(latest)
+    if moved:
+      log(f"moved the checkpoints of steps {moved} to {run_dir / 'set_aside'} (kept, not used)")
     log(f"resumed from {checkpointer.directory / str(latest)}")
-    change = optim.schedule_change(checkpointer.saved_config(latest), cfg, latest)
+    if others:
+      log(others)
+    change = optim.schedule_change(saved, cfg, latest)
     if change:
       log(change)
   else:
@@ -240,6 +368,8 @@ def _run(
   log(f"model: {n_params / 1e6:.2f}M parameters; data: {run.inputs.description}; run dir: {run_dir}")
 
   primary = jax.process_index() == 0
+  if primary:  # rows of steps after the checkpoint are logged again: drop the old ones
+    drop_after(run_dir, run.start_step)
   writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, primary=primary,
                          wandb=cfg.train.wandb, config=to_dict(cfg))
   profiler = monitor.Profiler(
@@ -249,6 +379,7 @@ def _run(
   results: dict[str, dict[str, float]] = {}  # the last evaluation's, by eval name
   last_loss = math.nan
   started = time.perf_counter()
+  owed = False  # a checkpoint due while the last steps were skipped: written at the next healthy
   try:
     pending = []
     clock = monitor.StepClock()
@@ -293,21 +424,23 @@ def _run(
           bar.set_postfix_str(_progress(logged, short=True))
           if not interactive:  # a log file gets a line per log_every; a terminal has the bar
             say(f"step {step}: {_progress(logged)}")
-        if int(run.state.bad_steps) >= train.nan_patience:
-          raise NonFiniteLoss(
-              f"{train.nan_patience} steps in a row had a non-finite loss or gradient (step "
-              f"{step}); their updates were skipped. Lower optim.lr, raise optim.warmup, or use "
-              "float32 compute (model.dtype=float32). The last checkpoint is kept."
-          )
+        run.checkpointer.check_for_errors()  # a failed background save ends the run now
+        bad_steps = int(run.state.bad_steps)
+        if bad_steps >= train.nan_patience:
+          raise _diverged(cfg, step, run.checkpointer)
         if step % train.eval_every == 0 or step == train.steps:
           results = evaluate(run, evals, eval_step, eval_batches)
           writer.write(step, _merged(results))
           for line in _eval_lines(evals, results):
             say(f"step {step}: {line}")
           clock.restart()
-        if run.checkpointer.save(
-            step, run.state, run.inputs.train.get_state(), cfg, force=step == last
+        owed |= step == last or run.checkpointer.due(step)
+        if owed and bad_steps:
+          say(f"step {step}: checkpoint postponed, the last {bad_steps} steps were skipped")
+        elif owed and run.checkpointer.save(
+            step, run.state, run.inputs.train.get_state(), cfg, force=True
         ):
+          owed = False
           clock.restart()
     if run.start_step >= train.steps:
       log(f"{run_dir} already holds the final step {train.steps}; evaluating it")
@@ -316,8 +449,14 @@ def _run(
         log(line)
   finally:
     profiler.stop()
-    run.checkpointer.wait_until_finished()
-    run.checkpointer.close()
+    failing = sys.exc_info()[1] is not None
+    try:
+      run.checkpointer.wait_until_finished()
+    except checkpoint_lib.CheckpointError:
+      if not failing:  # else the error in flight is the one to report
+        raise
+    finally:
+      run.checkpointer.close()
     writer.close()
     if hasattr(run.inputs.train, "close"):
       run.inputs.train.close()  # stops the prefetch thread

@@ -1,6 +1,7 @@
 """Metrics of a run: one JSON object per line in `metrics.jsonl`, and TensorBoard event files.
 
-Both append: a resumed run adds to the logs of the steps before it and never rewrites them.
+Both append: a resumed run adds to the logs of the steps before it. The rows `metrics.jsonl`
+holds past the resumed checkpoint are dropped first (`drop_after`): those steps run again.
 TensorBoard files come from tensorboardX, which needs no TensorFlow.
 
 In a run directory on an object store (gs://), objects cannot be appended to: `metrics.jsonl` is
@@ -68,6 +69,25 @@ def _start_wandb(run_dir: epath.Path, settings: WandbConfig, config: Mapping | N
   if run_id is None:
     id_file.write_text(run.id)
   return run
+
+
+def drop_after(run_dir: epath.PathLike, step: int) -> None:
+  """Drops the rows of `metrics.jsonl` past `step`: a resumed run logs those steps again.
+  (TensorBoard readers keep the last value written for a step.)"""
+  path = epath.Path(run_dir) / "metrics.jsonl"
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+
+  def kept(line: str) -> bool:
+    try:
+      return json.loads(line).get("step", 0) <= step
+    except (ValueError, AttributeError):
+      return False  # a line cut short by a kill
+
+  rows = [line for line in lines if kept(line)]
+  if len(rows) != len(lines):
+    path.write_text("".join(rows))
 
 
 class MetricsWriter:

@@ -21,6 +21,7 @@ class TrainState(NamedTuple):
   opt_state: optim.AdamWState
   bad_steps: jax.Array  # int32: non-finite steps in a row
   skipped: jax.Array  # int32: non-finite steps in all
+  loss_mean: jax.Array  # float32: running mean of the applied steps' losses (0 before the first)
 
 
 def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -39,7 +40,7 @@ def new_state(cfg: Config, tx: optim.AdamW, key: jax.Array) -> TrainState:
   model = Transformer(cfg.model, rngs=nnx.Rngs(key))
   _, params, other = split_model(model)
   zero = jnp.zeros([], jnp.int32)
-  return TrainState(zero, params, other, tx.init(params), zero, zero)
+  return TrainState(zero, params, other, tx.init(params), zero, zero, jnp.zeros([], jnp.float32))
 
 
 def _shapes(cfg: Config) -> TrainState:
@@ -59,6 +60,7 @@ def state_shardings(cfg: Config, mesh: jax.sharding.Mesh, abstract: TrainState |
       opt_state=sharding.opt_state_shardings(abstract.opt_state, params, mesh),
       bad_steps=replicated,
       skipped=replicated,
+      loss_mean=replicated,
   )
 
 

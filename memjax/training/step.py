@@ -136,17 +136,24 @@ def _merged_rows(rows: dict[tuple, list[RowGrads]], params, accum: int) -> dict[
   return merged
 
 
+# The running mean of the loss that `train.loss_spike_factor` compares with: about the last 100
+# applied steps, slow enough that a falling loss keeps it above the current one.
+LOSS_MEAN_DECAY = 0.99
+
+
 def make_train_step(
     cfg: Config, graphdef: nnx.GraphDef, tx: AdamW, schedule: Callable,
     rows: bool | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
   """train_step(state, tokens_BT) -> (state, metrics), with gradient accumulation over
   `train.grad_accum` micro-batches and a guard that skips a step whose loss or gradients are not
-  finite (parameters and optimizer state unchanged; counted).
+  finite, whose loss passes `train.loss_spike_factor` times its running mean, or whose update
+  would make a parameter non-finite (parameters and optimizer state unchanged; counted).
 
   `rows` forces the tables' gradient form (default: `row_gradients(cfg)`); the update's maths
   stay `optim.table_update`'s either way."""
   accum = cfg.train.grad_accum
+  spike = cfg.train.loss_spike_factor
   coef = cfg.model.moe.balance_coef if cfg.model.moe.layers else 0.0
   by_rows = row_gradients(cfg) if rows is None else rows
   if cfg.optim.table_update == "sparse" and not by_rows:
@@ -191,14 +198,23 @@ def make_train_step(
     # A sum of squares is finite iff every term is (and none overflows, a step the clip would
     # zero anyway): the guard rides on the norms' pass instead of its own over every gradient.
     finite = jnp.isfinite(loss + balance) & jnp.all(jnp.isfinite(jnp.stack(list(norms.values()))))
+    if spike:  # a loss far above the running mean: a diverging step, skipped like a NaN
+      finite &= (state.loss_mean == 0) | (loss <= spike * state.loss_mean)
     params, opt_state = tx.apply(grads, state.opt_state, state.params, norms, finite, rows)
+    # Finite gradients can still make a parameter overflow (a huge rate, bfloat16): keep the old.
+    finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    keep = lambda n, o: jnp.where(finite, n, o)
+    params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
+    mean = jnp.where(state.loss_mean == 0, loss, LOSS_MEAN_DECAY * state.loss_mean
+                     + (1 - LOSS_MEAN_DECAY) * loss)
     new_state = TrainState(
         step=state.step + 1,
         params=params,
-        other=jax.tree.map(lambda n, o: jnp.where(finite, n, o), other, state.other),
+        other=jax.tree.map(keep, other, state.other),
         opt_state=opt_state,
         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32),
+        loss_mean=jnp.where(finite, mean.astype(jnp.float32), state.loss_mean),
     )
     metrics = {"loss": loss, "finite": finite, "lr": schedule(state.step),
                **{f"grad_norm/{group}": norm for group, norm in norms.items()}}

@@ -147,8 +147,8 @@ def make_train_step(
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
   """train_step(state, tokens_BT) -> (state, metrics), with gradient accumulation over
   `train.grad_accum` micro-batches and a guard that skips a step whose loss or gradients are not
-  finite, whose loss passes `train.loss_spike_factor` times its running mean, or whose update
-  would make a parameter non-finite (parameters and optimizer state unchanged; counted).
+  finite or whose loss passes `train.loss_spike_factor` times its running mean (parameters and
+  optimizer state unchanged; counted).
 
   `rows` forces the tables' gradient form (default: `row_gradients(cfg)`); the update's maths
   stay `optim.table_update`'s either way."""
@@ -200,11 +200,10 @@ def make_train_step(
     finite = jnp.isfinite(loss + balance) & jnp.all(jnp.isfinite(jnp.stack(list(norms.values()))))
     if spike:  # a loss far above the running mean: a diverging step, skipped like a NaN
       finite &= (state.loss_mean == 0) | (loss <= spike * state.loss_mean)
+    # The update applies `finite` itself, in its one pass per parameter: a check of the updated
+    # parameters would need the old ones kept beside them (every table and moment twice).
     params, opt_state = tx.apply(grads, state.opt_state, state.params, norms, finite, rows)
-    # Finite gradients can still make a parameter overflow (a huge rate, bfloat16): keep the old.
-    finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     keep = lambda n, o: jnp.where(finite, n, o)
-    params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
     mean = jnp.where(state.loss_mean == 0, loss, LOSS_MEAN_DECAY * state.loss_mean
                      + (1 - LOSS_MEAN_DECAY) * loss)
     new_state = TrainState(

@@ -280,8 +280,7 @@ def compile_for(cfg: config_lib.Config, topology: str) -> dict:
     figures["fits"] = False
     return figures
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, list) else cost
+  cost = hardware.cost_analysis(compiled)
   figures.update(
       arguments_bytes=memory.argument_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes,

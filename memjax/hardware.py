@@ -47,14 +47,18 @@ def peak(device_kind: str) -> Peak | None:
   return PEAKS[max(keys, key=len)] if keys else None
 
 
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of a compiled program on one device; {} when the backend gives none."""
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) and cost else cost) or {}
+
+
 def compiled_flops(compiled, loop_trips: int = 1) -> float | None:
   """FLOPs of one call of a compiled program on one device, as XLA's cost analysis counts them
   (so recomputation counts, and custom kernels count what their cost estimate says); None when
   the backend gives none. XLA counts a loop's body once: `loop_trips` scales it (the train step's
   micro-batch loop: train.grad_accum, which also counts the once-a-step update that many times)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) and cost else cost
-  flops = (cost or {}).get("flops")
+  flops = cost_analysis(compiled).get("flops")
   return float(flops) * loop_trips if flops and flops > 0 else None
 
 
